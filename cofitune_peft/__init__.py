@@ -1,0 +1,29 @@
+"""cofitune-peft: CoFiTune (arXiv 2404.10306) as a PEFT method.
+
+Importing this package registers the `COFITUNE` peft type with PEFT, so `get_peft_model`, `PeftModel.from_pretrained`
+and `AutoPeftModelForCausalLM` work with CoFiTune adapters.
+"""
+
+from __future__ import annotations
+
+from . import _peft_compat
+from .config import CoFiTuneConfig
+from .errors import CoFiTuneError
+from .importance import Importance
+from .layer import CoFiTuneLayer
+from .model import CoFiTuneModel
+
+__version__ = "0.1.0"
+
+_peft_compat.register(CoFiTuneConfig, CoFiTuneModel)
+
+__all__ = sorted(
+    [
+        "CoFiTuneConfig",
+        "CoFiTuneError",
+        "CoFiTuneLayer",
+        "CoFiTuneModel",
+        "Importance",
+        "__version__",
+    ]
+)

@@ -1,0 +1,135 @@
+"""The only module that touches PEFT internals.
+
+PEFT has no plugin route for new methods: `register_peft_method` refuses any name that is not a member of the
+`PeftType` str-enum, and transformers' adapter loading calls `peft_config.peft_type.value`, so the type must be a real
+enum member. We add `PeftType.COFITUNE` at import time and then use the official registration. We also wrap
+`PeftModel.save_pretrained` (atomic writes for CoFiTune adapters) and `PeftModel.create_or_update_model_card` (a model
+card that says what was trained); both wrappers pass every other PEFT method through untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+
+import peft
+from packaging.version import Version
+from peft.utils import PeftType, register_peft_method
+
+PEFT_TYPE_NAME = "COFITUNE"
+PREFIX = "cofitune_"
+# The PEFT releases this registration was tested against; outside them we warn rather than refuse.
+TESTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
+
+
+def _add_enum_member(enum_cls, name: str):
+    """Add `name` to a str-enum in place, the way `EnumType.__new__` would have, and return the member."""
+    if name in enum_cls.__members__:
+        return enum_cls[name]
+    member = str.__new__(enum_cls, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = enum_cls
+    member.__init__(name)
+    if hasattr(member, "_sort_order_"):
+        member._sort_order_ = len(enum_cls._member_names_)
+    type.__setattr__(enum_cls, name, member)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[name] = member
+    enum_cls._member_names_.append(name)
+    return member
+
+
+def peft_type():
+    """The `PeftType.COFITUNE` member (added on first use)."""
+    return _add_enum_member(PeftType, PEFT_TYPE_NAME)
+
+
+def is_registered() -> bool:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return PEFT_TYPE_NAME in PeftType.__members__ and PeftType[PEFT_TYPE_NAME] in PEFT_TYPE_TO_CONFIG_MAPPING
+
+
+def register(config_cls, model_cls) -> None:
+    """Register CoFiTune with PEFT; safe to call any number of times."""
+    import warnings
+
+    version = Version(peft.__version__)
+    if not (TESTED_PEFT[0] <= version < TESTED_PEFT[1]):
+        warnings.warn(
+            f"cofitune-peft was tested with peft>={TESTED_PEFT[0]},<{TESTED_PEFT[1]} but peft {version} is installed; "
+            "the registration relies on PEFT internals, so run the test suite before trusting it.",
+            stacklevel=3,
+        )
+    peft_type()
+    if not is_registered():
+        register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
+    _wrap_peft_model()
+
+
+def _uses_cofitune(peft_model) -> bool:
+    configs = getattr(peft_model, "peft_config", {}) or {}
+    return any(getattr(cfg, "peft_type", None) == PEFT_TYPE_NAME for cfg in configs.values())
+
+
+def _atomic_save_pretrained(original):
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if not _uses_cofitune(self) or kwargs.get("is_main_process", True) is False:
+            return original(self, save_directory, *args, **kwargs)
+        if os.path.isfile(save_directory):
+            from .errors import CoFiTuneError
+
+            raise CoFiTuneError(
+                f"`save_directory` must be a directory, got the file {save_directory!r}; pass a folder path."
+            )
+        parent = os.path.dirname(os.path.abspath(save_directory)) or "."
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".cofitune-save-", dir=parent)
+        try:
+            # The model card is merged with an existing README, so start the temp dir from it.
+            readme = os.path.join(save_directory, "README.md")
+            if os.path.isfile(readme):
+                shutil.copy2(readme, os.path.join(tmp, "README.md"))
+            original(self, tmp, *args, **kwargs)
+            os.makedirs(save_directory, exist_ok=True)
+            # Each file is replaced atomically; weights before the config that describes them. A crash leaves
+            # every file either wholly old or wholly new.
+            for root, _dirs, files in os.walk(tmp):
+                rel = os.path.relpath(root, tmp)
+                dest_root = save_directory if rel == "." else os.path.join(save_directory, rel)
+                os.makedirs(dest_root, exist_ok=True)
+                ordered = sorted(files, key=lambda n: (n.endswith(".json"), n == "README.md", n))
+                for name in ordered:
+                    os.replace(os.path.join(root, name), os.path.join(dest_root, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    save_pretrained._cofitune_wrapped = True
+    return save_pretrained
+
+
+def _model_card(original):
+    @functools.wraps(original)
+    def create_or_update_model_card(self, output_dir):
+        original(self, output_dir)
+        if not _uses_cofitune(self):
+            return
+        from .model_card import write_cofitune_section
+
+        write_cofitune_section(self, output_dir)
+
+    create_or_update_model_card._cofitune_wrapped = True
+    return create_or_update_model_card
+
+
+def _wrap_peft_model() -> None:
+    from peft import PeftModel
+
+    if not getattr(PeftModel.save_pretrained, "_cofitune_wrapped", False):
+        PeftModel.save_pretrained = _atomic_save_pretrained(PeftModel.save_pretrained)
+    if not getattr(PeftModel.create_or_update_model_card, "_cofitune_wrapped", False):
+        PeftModel.create_or_update_model_card = _model_card(PeftModel.create_or_update_model_card)

@@ -1,0 +1,205 @@
+"""`CoFiTuneConfig`: the PEFT config of CoFiTune (Zhang et al., ACL 2024 Findings, arXiv 2404.10306)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from peft import PeftConfig
+
+from . import _peft_compat
+from .architectures import ROLES, SHORTHANDS, UNITS
+from .errors import CoFiTuneError
+from .importance import Importance
+
+SOFTMASK_MODES = ("update", "gradient", "none")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class CoFiTuneConfig(PeftConfig):
+    """Configuration of a CoFiTune adapter: which layers and modules train, and how the soft mask acts.
+
+    CoFiTune trains chosen modules (by default the FFN up and down projections) inside a contiguous window of decoder
+    layers, freezes everything else, and scales each trained row's change by `1 - I`, where `I` is the importance of
+    the unit it feeds for general ability ("versatility").
+
+    Args:
+        layers (`tuple[int, int]`, *optional*, defaults to `None`):
+            The paper's window "(a, b]", i.e. the 0-based layers `a .. b-1` (`range(a, b)`). `None` picks the paper's
+            default `(N // 4, N // 2)` for an N-layer model; the resolved window is written back and saved.
+        target_modules (`str | list[str]`, *optional*, defaults to `"ffn"`):
+            A shorthand (`"ffn"`: up and down projections, as the paper; `"ffn+gate"`; `"mha"`: q, k, v;
+            `"ffn+mha"`; `"mha+o"`; `"all"`), a list of roles (`"q"`, `"k"`, `"v"`, `"o"`, `"gate"`, `"up"`, `"down"`),
+            or a list of module names inside a decoder layer (e.g. `["mlp.up_proj", "mlp.down_proj"]`).
+        importance (`Importance | str`, *optional*, defaults to `None`):
+            The units' versatility importance, or a path to a file written by `Importance.save`. `None` trains without
+            a soft mask (the coarse level only). Only the per-row scales derived from it are stored in the adapter.
+        softmask_mode (`str`, *optional*, defaults to `"update"`):
+            `"update"` scales the weight *change* (W = W0 + (1 - I) * Delta), which stays effective under AdamW;
+            `"gradient"` scales the gradient (the paper's placement; under Adam a constant per-row factor cancels
+            out, so it is close to a no-op unless a unit's importance is ~1: keep it for ablations and SGD);
+            `"none"` ignores the importance.
+        unit_map (`dict[str, str]`, *optional*, defaults to `None`):
+            For architectures without a built-in layout: module name inside a decoder layer -> unit it feeds
+            (`"intermediate"`, `"output"`, `"head"`, `"kv_head"`, `"head@in"` for columns grouped by head, or `"none"`).
+        layers_pattern (`str`, *optional*, defaults to `None`):
+            The name of the decoder-layer `ModuleList` (`"layers"`, `"h"`); only needed with `unit_map`.
+        save_dtype (`str`, *optional*, defaults to `None`):
+            Store the trained deltas as `"bfloat16"`/`"float16"` to halve the adapter file (they load back into the
+            training dtype). `None` keeps the parameter dtype.
+        fix_input_grads (`bool`, *optional*, defaults to `True`):
+            Remove the input-require-grads hook that Trainer/TRL add for gradient checkpointing, so that layers below
+            the window stay out of the backward pass (with reentrant checkpointing the window's first layer input is
+            made to require grad instead).
+        init_weights (`bool`, *optional*, defaults to `True`):
+            `True` starts every delta at zero (the adapted model equals the base). `False` draws small random deltas,
+            for tests only.
+        modules_to_save (`list[str]`, *optional*, defaults to `None`):
+            Extra modules to train fully and save (e.g. a classification head), as in other PEFT methods.
+
+    Example:
+
+    ```python
+    >>> from cofitune_peft import CoFiTuneConfig
+    >>> CoFiTuneConfig(layers=(10, 20)).layers
+    (10, 20)
+    ```
+    """
+
+    layers: tuple[int, int] | None = field(
+        default=None,
+        metadata={"help": "0-based window (a, b): trains layers a..b-1. None: (N//4, N//2) of an N-layer model."},
+    )
+    target_modules: str | list[str] | None = field(
+        default="ffn",
+        metadata={"help": "'ffn', 'ffn+gate', 'mha', 'ffn+mha', 'mha+o', 'all', a list of roles or of module names."},
+    )
+    importance: Any = field(
+        default=None, metadata={"help": "An `Importance`, a path to an importance file, or None (no soft mask)."}
+    )
+    softmask_mode: str = field(
+        default="update", metadata={"help": "'update' (works under AdamW), 'gradient' (the paper's), or 'none'."}
+    )
+    unit_map: dict[str, str] | None = field(
+        default=None, metadata={"help": "Module name -> unit, for architectures without a built-in layout."}
+    )
+    layers_pattern: str | None = field(default=None, metadata={"help": "Name of the decoder-layer ModuleList."})
+    save_dtype: str | None = field(default=None, metadata={"help": "Dtype of the saved deltas: float32/bfloat16/float16."})
+    fix_input_grads: bool = field(
+        default=True, metadata={"help": "Keep layers below the window out of the backward pass under checkpointing."}
+    )
+    init_weights: bool = field(default=True, metadata={"help": "Zero deltas (True) or small random ones (tests)."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
+    importance_source: str | None = field(
+        default=None, metadata={"help": "Where the saved mask came from (set automatically; informational)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = _peft_compat.peft_type()
+        problems = []
+        if isinstance(self.layers, list):
+            self.layers = tuple(self.layers)
+        if self.layers is not None:
+            ok = (
+                isinstance(self.layers, tuple)
+                and len(self.layers) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)
+            )
+            if not ok:
+                problems.append(f"`layers` must be None or a pair of ints (a, b), got {self.layers!r}.")
+            elif self.layers[0] < 0:
+                problems.append(f"`layers` must start at 0 or later, got {self.layers!r}.")
+            elif self.layers[1] <= self.layers[0]:
+                problems.append(
+                    f"`layers` must be a non-empty window (a, b) with a < b (it trains layers a..b-1), "
+                    f"got {self.layers!r}."
+                )
+        problems += self._check_target_modules()
+        if self.softmask_mode not in SOFTMASK_MODES:
+            problems.append(f"`softmask_mode` must be one of {SOFTMASK_MODES}, got {self.softmask_mode!r}.")
+        if self.importance is not None and not isinstance(self.importance, (Importance, str, os.PathLike)):
+            problems.append(
+                "`importance` must be None, a path to an importance file or an `Importance`, "
+                f"got {type(self.importance).__name__}."
+            )
+        if isinstance(self.importance, os.PathLike):
+            self.importance = os.fspath(self.importance)
+        if self.unit_map is not None:
+            if not isinstance(self.unit_map, dict) or not self.unit_map:
+                problems.append(f"`unit_map` must be a non-empty dict of module name -> unit, got {self.unit_map!r}.")
+            else:
+                allowed = (*UNITS, "head@in", "none")
+                for name, unit in self.unit_map.items():
+                    if unit not in allowed:
+                        problems.append(f"`unit_map[{name!r}]` must be one of {allowed}, got {unit!r}.")
+        if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
+            problems.append(f"`save_dtype` must be None or one of {SAVE_DTYPES}, got {self.save_dtype!r}.")
+        for flag in ("fix_input_grads", "init_weights"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
+        if problems:
+            raise CoFiTuneError("Invalid CoFiTuneConfig:\n  - " + "\n  - ".join(problems))
+
+    def _check_target_modules(self) -> list[str]:
+        tm = self.target_modules
+        if tm is None:
+            self.target_modules = "ffn"
+            return []
+        if isinstance(tm, (set, tuple)):
+            tm = self.target_modules = sorted(tm)
+        if isinstance(tm, str):
+            if tm in SHORTHANDS or tm in ROLES:
+                return []
+            return [
+                f"`target_modules` must be one of the shorthands {sorted(SHORTHANDS)}, a role {ROLES}, or a list of "
+                f"module names, got {tm!r}."
+            ]
+        if not isinstance(tm, list) or not tm or not all(isinstance(x, str) and x for x in tm):
+            return [f"`target_modules` must be a shorthand string or a non-empty list of names, got {tm!r}."]
+        return []
+
+    def roles_and_names(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The selected roles, and the explicit module names (when `target_modules` lists names)."""
+        tm = self.target_modules
+        if isinstance(tm, str):
+            return (SHORTHANDS[tm] if tm in SHORTHANDS else frozenset({tm})), frozenset()
+        roles = frozenset(x for x in tm if x in ROLES)
+        names = frozenset(x for x in tm if x not in ROLES)
+        return roles, names
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict: an in-memory `Importance` is not serialised (its per-row scales are in the adapter)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "importance":
+                if value is not None and self.importance_source is None:
+                    out["importance_source"] = value if isinstance(value, str) else _describe(value)
+                value = None
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, set):
+                value = sorted(value)
+            out.setdefault(f.name, value)
+        return out
+
+    def __deepcopy__(self, memo):
+        # Importance tensors are shared, not copied: they are read-only inputs.
+        import copy
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, value if isinstance(value, Importance) else copy.deepcopy(value, memo))
+        return new
+
+
+def _describe(importance: Importance) -> str:
+    meta = importance.metadata
+    if "source" in meta:
+        return meta["source"]
+    bits = [f"{k}={meta[k]}" for k in ("model", "data", "num_tokens") if k in meta]
+    return "in-memory Importance" + (f" ({', '.join(bits)})" if bits else "")

@@ -1,0 +1,255 @@
+"""`Importance`: per-layer unit importance for versatility, the input of CoFiTune's Fine-SoftMask.
+
+Three parts, any of which may be absent: `heads` `[layers, num_heads]`, `intermediate` `[layers, intermediate_size]`
+and `output` `[layers, hidden_size]`. Values are normalised to [0, 1]: 1 means "never change this unit", 0 means "no
+protection". `estimate_importance` (the KL robustness proxy) produces one; this module holds the container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import CoFiTuneError
+from .masking import normalize
+
+PARTS = ("heads", "intermediate", "output")
+FORMAT = "cofitune-importance"
+FORMAT_VERSION = "1"
+
+
+def _check_tensor(name: str, value: Any, normalized: bool) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value, dtype=torch.float32)
+        except (TypeError, ValueError) as err:
+            raise CoFiTuneError(f"`{name}` must be a tensor of shape [layers, units], got {type(value).__name__}.") from err
+    if value.dim() != 2 or value.shape[0] == 0 or value.shape[1] == 0:
+        raise CoFiTuneError(
+            f"`{name}` must be a 2-D tensor [layers, units] with both sizes > 0, got shape {tuple(value.shape)}."
+        )
+    value = value.detach().float().cpu()
+    if not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum())
+        raise CoFiTuneError(
+            f"`{name}` holds {bad} NaN/inf value(s); re-estimate the importance (a NaN usually means the model "
+            "produced NaN logits on the importance data) or replace them, e.g. with torch.nan_to_num."
+        )
+    if normalized and (value.min() < 0 or value.max() > 1):
+        raise CoFiTuneError(
+            f"`{name}` must lie in [0, 1] when `normalized=True`, got values in [{value.min():.4g}, {value.max():.4g}]; "
+            "pass `normalized=False` to apply the per-layer |tanh(z)| normalisation to raw scores."
+        )
+    return value.contiguous()
+
+
+@dataclass
+class Importance:
+    """Normalised importance of attention heads, FFN intermediate units and FFN outputs, per decoder layer.
+
+    Args:
+        heads (`torch.Tensor`, *optional*): `[layers, num_heads]`.
+        intermediate (`torch.Tensor`, *optional*): `[layers, intermediate_size]`.
+        output (`torch.Tensor`, *optional*): `[layers, hidden_size]`.
+        normalized (`bool`, *optional*, defaults to `False`): `False` treats the values as raw scores and applies the
+            per-layer normalisation `|tanh((I - mean) / std)|`; `True` takes them as given (they must lie in [0, 1]).
+        metadata (`dict[str, str]`, *optional*): free-form provenance (model, data, number of tokens), saved with it.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from cofitune_peft import Importance
+    >>> imp = Importance(intermediate=torch.rand(4, 48), output=torch.rand(4, 32))
+    >>> imp.num_layers, round(float(imp.intermediate.max()), 2) <= 1.0
+    (4, True)
+    ```
+    """
+
+    heads: torch.Tensor | None = None
+    intermediate: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    normalized: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.normalized, bool):
+            raise CoFiTuneError(f"`normalized` must be True or False, got {self.normalized!r}.")
+        for part in PARTS:
+            value = _check_tensor(part, getattr(self, part), self.normalized)
+            if value is not None and not self.normalized:
+                value = normalize(value)
+            setattr(self, part, value)
+        present = {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+        if not present:
+            raise CoFiTuneError(
+                "`Importance` needs at least one of `heads`, `intermediate` or `output`; got none. Estimate one "
+                "with `estimate_importance(model, data)`."
+            )
+        layer_counts = {p: v.shape[0] for p, v in present.items()}
+        if len(set(layer_counts.values())) != 1:
+            raise CoFiTuneError(f"the parts of an `Importance` must have the same number of layers, got {layer_counts}.")
+        self.metadata = {str(k): str(v) for k, v in (self.metadata or {}).items()}
+        # From here on, values are normalised.
+        self.normalized = True
+
+    @property
+    def num_layers(self) -> int:
+        return next(getattr(self, p) for p in PARTS if getattr(self, p) is not None).shape[0]
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The present parts, by name."""
+        return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+
+    def validate_for(self, model, source: str = "importance") -> None:
+        """Raise `CoFiTuneError` unless the shapes match `model` (a transformers model or a PeftModel)."""
+        from .architectures import dims_of, spec_for
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        dims = dims_of(base, spec_for(base))
+        self.validate_dims(dims, source)
+
+    def validate_dims(self, dims, source: str = "importance") -> None:
+        expected = {
+            "heads": (dims.num_layers, dims.num_heads),
+            "intermediate": (dims.num_layers, dims.intermediate),
+            "output": (dims.num_layers, dims.hidden),
+        }
+        for part, value in self.parts().items():
+            if tuple(value.shape) != expected[part]:
+                origin = self.metadata.get("model", "another model")
+                raise CoFiTuneError(
+                    f"`{source}`: part `{part}` has shape {tuple(value.shape)} but this model needs {expected[part]} "
+                    f"([layers, units]); it was estimated on {origin}. Estimate the importance on this model."
+                )
+
+    @classmethod
+    def combine(cls, importances: list[Importance]) -> Importance:
+        """Element-wise max of several importances (e.g. from several general data sets), part by part.
+
+        A part present in only some inputs is taken from those.
+        """
+        importances = list(importances)
+        if not importances:
+            raise CoFiTuneError("`importances` must hold at least one `Importance`, got an empty list.")
+        for i, imp in enumerate(importances):
+            if not isinstance(imp, Importance):
+                raise CoFiTuneError(f"`importances[{i}]` must be an `Importance`, got {type(imp).__name__}.")
+        combined = {}
+        for part in PARTS:
+            values = [getattr(imp, part) for imp in importances if getattr(imp, part) is not None]
+            if not values:
+                continue
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) != 1:
+                raise CoFiTuneError(f"cannot combine `{part}` of different shapes {sorted(shapes)}; use one model.")
+            combined[part] = torch.stack(values).amax(dim=0)
+        meta = {"combined_from": str(len(importances))}
+        return cls(**combined, normalized=True, metadata=meta)
+
+    def to(self, *args, **kwargs) -> Importance:
+        """A copy with every part moved/cast like `Tensor.to`."""
+        moved = {p: v.to(*args, **kwargs) for p, v in self.parts().items()}
+        out = Importance.__new__(Importance)
+        out.heads, out.intermediate, out.output = (moved.get(p) for p in PARTS)
+        out.normalized, out.metadata = True, dict(self.metadata)
+        return out
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Mean importance and fraction of units with importance > 0.9, per part."""
+        return {
+            p: {"mean": float(v.mean()), "frac_above_0.9": float((v > 0.9).float().mean())}
+            for p, v in self.parts().items()
+        }
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file (atomically: a temp file renamed into place)."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise CoFiTuneError(f"`path`: the folder {directory!r} does not exist; create it first.")
+        metadata = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "normalized": "true",
+            "metadata": json.dumps(self.metadata, sort_keys=True),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".importance-", suffix=".safetensors", dir=directory)
+        os.close(fd)
+        try:
+            save_file({p: v.contiguous() for p, v in self.parts().items()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Importance:
+        """Read a file written by `save`; a `CoFiTuneError` names the file if it is missing or not an importance."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise CoFiTuneError(f"`importance`: no file at {path!r}; estimate one with `cofitune importance`.")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises several types for corrupt files
+            raise CoFiTuneError(f"`importance`: {path!r} is not a readable safetensors file ({err}).") from err
+        if meta.get("format") != FORMAT:
+            raise CoFiTuneError(
+                f"`importance`: {path!r} is a safetensors file but not a CoFiTune importance file "
+                f"(format={meta.get('format')!r}); write it with `Importance.save`."
+            )
+        unknown = set(tensors) - set(PARTS)
+        if unknown:
+            raise CoFiTuneError(f"`importance`: {path!r} holds unknown parts {sorted(unknown)}; expected {PARTS}.")
+        try:
+            user_meta = json.loads(meta.get("metadata", "{}"))
+        except json.JSONDecodeError:
+            user_meta = {}
+        user_meta["source"] = path
+        return cls(**tensors, normalized=meta.get("normalized") == "true", metadata=user_meta)
+
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
+        """A layers x units heatmap per part, written as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        parts = self.parts()
+        fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 4), squeeze=False)
+        for ax, (name, values) in zip(axes[0], parts.items()):
+            im = ax.imshow(values.numpy(), aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(f"{name} {tuple(values.shape)}")
+            ax.set_xlabel("unit")
+            ax.set_ylabel("layer")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.suptitle(title or "CoFiTune importance (1 = protected)")
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=100)
+        plt.close(fig)
+
+
+def resolve_importance(value: Importance | str | os.PathLike | None) -> Importance | None:
+    """Accept an `Importance`, a path to one, or None."""
+    if value is None or isinstance(value, Importance):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return Importance.load(value)
+    raise CoFiTuneError(
+        f"`importance` must be None, a path to an importance file or an `Importance`, got {type(value).__name__}."
+    )

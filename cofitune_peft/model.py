@@ -1,0 +1,332 @@
+"""`CoFiTuneModel`: selects the window's modules, wraps them, freezes the rest; save/load/merge come from PEFT.
+
+CoFiTune (Zhang et al., ACL 2024 Findings, arXiv 2404.10306) at the coarse level trains chosen modules of a contiguous
+window of decoder layers; the fine level (the soft mask) lives in `layer.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .architectures import (
+    ArchSpec,
+    Dims,
+    Target,
+    count_layers,
+    dims_of,
+    find_targets,
+    layer_index_regex,
+    row_selection,
+    spec_for,
+    spec_from_unit_map,
+    weight_axis,
+)
+from .config import CoFiTuneConfig
+from .errors import CoFiTuneError
+from .importance import resolve_importance
+from .layer import CoFiTuneLayer, Linear
+from .masking import module_scale
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PlanEntry:
+    target: Target
+    scale: torch.Tensor  # [axis size], 1 - I
+    rows: torch.Tensor  # [axis size], 0/1 row selection
+
+
+@dataclass
+class Plan:
+    """What one adapter trains: resolved before any module is replaced, so a bad config changes nothing."""
+
+    spec: ArchSpec
+    dims: Dims
+    layers: tuple[int, int]
+    entries: dict[str, PlanEntry]
+
+
+def default_window(num_layers: int) -> tuple[int, int]:
+    """The paper's default "(N/4, N/2]": 0-based layers N//4 .. N//2 - 1 (at least one layer)."""
+    start = num_layers // 4
+    return start, max(num_layers // 2, start + 1)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def build_plan(model: nn.Module, config: CoFiTuneConfig) -> Plan:
+    """Resolve `config` against `model`: window, modules, per-row scales. Raises `CoFiTuneError` on bad input."""
+    roles, names = config.roles_and_names()
+    if config.unit_map is not None:
+        if not names:
+            raise CoFiTuneError(
+                "with `unit_map`, pass `target_modules` as a list of module names from `unit_map`, got "
+                f"{config.target_modules!r}."
+            )
+        missing = sorted(n for n in names if n not in config.unit_map)
+        if missing:
+            raise CoFiTuneError(f"`target_modules` names {missing} have no entry in `unit_map`; add their units.")
+        spec = spec_from_unit_map(config.unit_map, config.layers_pattern)
+    else:
+        spec = spec_for(model)
+        if config.layers_pattern is not None:
+            spec = ArchSpec(config.layers_pattern, spec.modules, spec.attn_out, spec.ffn_down)
+        # accept short names ("up_proj") as well as paths inside the layer ("mlp.up_proj")
+        resolved = set()
+        for name in names:
+            matches = [m.name for m in spec.modules if m.name == name or m.name.endswith("." + name)]
+            if not matches:
+                raise CoFiTuneError(
+                    f"`target_modules` entry {name!r} is not a trainable module of this architecture; choose from "
+                    f"{[m.name for m in spec.modules]} or the shorthands 'ffn', 'ffn+gate', 'mha', 'ffn+mha'."
+                )
+            resolved.update(matches)
+        names = frozenset(resolved)
+    dims = dims_of(model, spec if spec.ffn_down else None)
+    found_layers = count_layers(model, spec.layers_pattern)
+    if found_layers == 0:
+        raise CoFiTuneError(
+            f"no decoder layers named '{spec.layers_pattern}.<i>' found in the model; set `layers_pattern` to the name "
+            "of the ModuleList that holds the decoder layers."
+        )
+    num_layers = found_layers
+    layers = tuple(config.layers) if config.layers is not None else default_window(num_layers)
+    if not (0 <= layers[0] < layers[1] <= num_layers):
+        raise CoFiTuneError(
+            f"`layers` must lie within [0, {num_layers}) for this model ({num_layers} decoder layers), got {layers}; "
+            f"(a, b) trains layers a..b-1, so b may be at most {num_layers}."
+        )
+    targets = find_targets(model, spec, roles, range(*layers), names)
+    if not targets:
+        raise CoFiTuneError(
+            f"`target_modules`={config.target_modules!r} matched no module in layers {layers[0]}..{layers[1] - 1}; "
+            f"this architecture's trainable modules are {[m.name for m in spec.modules]}."
+        )
+    importance = resolve_importance(config.importance)
+    if importance is not None:
+        importance.validate_dims(dims, source="importance")
+    entries, uncovered = {}, set()
+    for target in targets:
+        module = _base(model.get_submodule(target.key))
+        size = module.weight.shape[weight_axis(module, target.layout.axis)]
+        scale, missing = module_scale(importance, target.layer, target.layout, dims, size)
+        uncovered.update(missing)
+        rows = row_selection(target.layout, dims, target.roles, size)
+        entries[target.key] = PlanEntry(target, scale, rows)
+    if uncovered and config.softmask_mode != "none":
+        warnings.warn(
+            f"the importance has no values for {sorted(uncovered)} units, so modules feeding them train without a "
+            "soft mask; estimate those parts too (estimate_importance covers heads, intermediate and output).",
+            stacklevel=3,
+        )
+    if importance is not None and config.softmask_mode == "none":
+        logger.info("`importance` is given but `softmask_mode='none'`: the soft mask is off.")
+    return Plan(spec=spec, dims=dims, layers=layers, entries=entries)
+
+
+class CoFiTuneModel(BaseTuner):
+    """The PEFT tuner of CoFiTune; create it with `peft.get_peft_model(model, CoFiTuneConfig(...))`."""
+
+    prefix: str = "cofitune_"
+    tuner_layer_cls = CoFiTuneLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def _prepare_model(self, peft_config: CoFiTuneConfig, model: nn.Module) -> None:
+        plan = build_plan(model, peft_config)
+        peft_config.layers = plan.layers
+        peft_config._cofitune_plan = plan
+
+    def _check_target_module_exists(self, peft_config, key: str) -> bool:
+        plan = getattr(peft_config, "_cofitune_plan", None)
+        return plan is not None and key in plan.entries
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        entry = peft_config._cofitune_plan.entries[current_key]
+        layer_kwargs = {
+            "axis": entry.target.layout.axis,
+            "scale": entry.scale,
+            "rows": entry.rows,
+            "mode": peft_config.softmask_mode,
+            "init_weights": peft_config.init_weights,
+            "inference_mode": peft_config.inference_mode,
+        }
+        if isinstance(target, CoFiTuneLayer):
+            target.update_layer(adapter_name, **layer_kwargs)
+            return
+        new_module = Linear(target, adapter_name, **layer_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        # The plan holds tensors that are now in the layers; drop it so deepcopies of the config stay light.
+        if hasattr(config, "_cofitune_plan"):
+            del config._cofitune_plan
+        if getattr(self, "_cofitune_input_grad_hook", None) is None:
+            self._cofitune_input_grad_hook = model.register_forward_pre_hook(
+                functools.partial(_fix_input_grads, self), with_kwargs=True
+            )
+            self._cofitune_window_hook = None
+            from transformers import PreTrainedModel
+
+            # Where `enable_input_require_grads` may leave its hooks; looked up once, checked every forward.
+            self._cofitune_owners = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+    # ------------------------------------------------------------------ save / load
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        save_dtype = getattr(config, "save_dtype", None)
+        if save_dtype is not None:
+            dtype = getattr(torch, save_dtype)
+            out = {k: (v.to(dtype) if ".cofitune_delta." in k else v) for k, v in out.items()}
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # PEFT loads with strict=False: a key or shape mismatch would load nothing, silently. Check it here.
+        own = {
+            k: v
+            for k, v in model.state_dict().items()
+            if (".cofitune_delta." in k or ".cofitune_scale." in k) and k.endswith((f".{adapter_name}.weight", f".{adapter_name}"))
+        }
+        missing = sorted(k for k in own if k not in remapped)
+        if missing:
+            raise CoFiTuneError(
+                f"the adapter weights lack {len(missing)} of the {len(own)} tensors this CoFiTune config needs "
+                f"(first: {missing[0]!r}); the adapter was saved for another window, modules or base model."
+            )
+        for key, value in remapped.items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                raise CoFiTuneError(
+                    f"adapter tensor {key!r} has shape {tuple(value.shape)} but the base model needs "
+                    f"{tuple(own[key].shape)}; this adapter was trained on a base model of other dimensions."
+                )
+            if key in own and not torch.isfinite(value.float()).all():
+                raise CoFiTuneError(f"adapter tensor {key!r} holds NaN/inf values; the adapter file is corrupt.")
+        return remapped
+
+    # ------------------------------------------------------------------ introspection
+
+    def cofitune_layers(self) -> list[tuple[str, Linear]]:
+        """The wrapped modules, by name."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, CoFiTuneLayer)]
+
+    def mask_statistics(self, adapter_name: str | None = None) -> dict[str, float]:
+        """Mean soft-mask scale over trained rows and the fraction of rows with scale < 0.1."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        total = count = low = 0.0
+        for _, layer in self.cofitune_layers():
+            if adapter_name not in layer.cofitune_scale:
+                continue
+            rows = layer.cofitune_rows[adapter_name] > 0
+            scale = layer.cofitune_scale[adapter_name][rows]
+            total += float(scale.sum())
+            count += scale.numel()
+            low += float((scale < 0.1).sum())
+        if count == 0:
+            return {"mask_mean_scale": 1.0, "mask_frac_below_0.1": 0.0}
+        return {"mask_mean_scale": total / count, "mask_frac_below_0.1": low / count}
+
+
+def _decoder_layers(model: nn.Module, layers_pattern: str) -> dict[int, nn.Module]:
+    pattern = layer_index_regex(layers_pattern)
+    out = {}
+    for key, module in model.named_modules():
+        m = pattern.search(key + ".x")
+        if m is not None and m.group(2) == "x":
+            out[int(m.group(1))] = module
+    return out
+
+
+def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
+    """Forward pre-hook: undo `enable_input_require_grads`, which drags every layer into the backward pass.
+
+    Trainer and TRL call it whenever PEFT and gradient checkpointing meet. With non-reentrant checkpointing (the
+    transformers default) or none, autograd needs no help, so the hook is simply removed. Reentrant checkpointing does
+    need a grad-requiring input to a checkpointed layer that holds trainable weights; we give it to the lowest such
+    layer instead of to the embeddings, so the layers below it still stay out of the backward pass.
+    """
+    if not module.training:
+        return None
+    owners = [m for m in tuner._cofitune_owners if getattr(m, "_require_grads_hooks", None)]
+    if not owners:
+        return None
+    configs = [tuner.peft_config[a] for a in tuner.active_adapters if a in tuner.peft_config]
+    if not configs or not all(getattr(c, "fix_input_grads", False) for c in configs):
+        return None
+    trainable_layers = _lowest_trainable_layer(tuner)
+    if trainable_layers is None:
+        return None
+    lowest, layer_module = trainable_layers
+    reentrant = _reentrant_checkpointing(module)
+    for owner in owners:
+        owner.disable_input_require_grads()
+    if reentrant and tuner._cofitune_window_hook is None:
+        tuner._cofitune_window_hook = layer_module.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
+        logger.info(
+            "CoFiTune: removed the input-require-grads hook; reentrant checkpointing gets a grad-requiring input at "
+            "layer %d instead, so layers below it stay out of the backward pass.",
+            lowest,
+        )
+    else:
+        logger.info("CoFiTune: removed the input-require-grads hook; layers below %d stay out of the backward pass.", lowest)
+    return None
+
+
+def _inputs_require_grad(module, args, kwargs):
+    def mark(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad:
+            return t.detach().requires_grad_(True)
+        return t
+
+    if not (module.training and torch.is_grad_enabled()):
+        return None
+    if args:
+        return (mark(args[0]), *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        kwargs = dict(kwargs, hidden_states=mark(kwargs["hidden_states"]))
+    return args, kwargs
+
+
+def _lowest_trainable_layer(tuner: CoFiTuneModel) -> tuple[int, nn.Module] | None:
+    patterns = set()
+    for cfg in tuner.peft_config.values():
+        if getattr(cfg, "unit_map", None) is not None:
+            patterns.add(cfg.layers_pattern or "layers")
+        else:
+            try:
+                patterns.add(cfg.layers_pattern or spec_for(tuner.model).layers_pattern)
+            except CoFiTuneError:
+                patterns.add("layers")
+    for pattern in patterns:
+        layers = _decoder_layers(tuner.model, pattern)
+        for index in sorted(layers):
+            if any(p.requires_grad for p in layers[index].parameters()):
+                return index, layers[index]
+    return None
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+            func = m._gradient_checkpointing_func
+            keywords = getattr(func, "keywords", {}) or {}
+            # torch.utils.checkpoint treats a missing use_reentrant as True (with a warning)
+            return keywords.get("use_reentrant", True) is not False
+    return False
