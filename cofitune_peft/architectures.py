@@ -364,6 +364,8 @@ def find_targets(
                     f"{sorted(seg.roles)} into rows that cannot be trained separately; select all of "
                     f"{sorted(seg.roles)} or none."
                 )
+        if hasattr(module, "get_base_layer"):
+            module = module.get_base_layer()
         if not isinstance(module, nn.Linear) and not _is_conv1d(module):
             raise CoFiTuneError(
                 f"module {key!r} is a {type(module).__name__}; CoFiTune trains `nn.Linear` and GPT-2 style `Conv1D` "

@@ -221,6 +221,32 @@ class CoFiTuneModel(BaseTuner):
                 raise CoFiTuneError(f"adapter tensor {key!r} holds NaN/inf values; the adapter file is corrupt.")
         return remapped
 
+    # ------------------------------------------------------------------ importance
+
+    def set_importance(self, importance, adapter_name: str | None = None) -> None:
+        """Rebuild the soft mask of `adapter_name` (default: the active adapter) from `importance`.
+
+        Used by `CoFiTuneCallback` to estimate the importance after the Trainer built the model. `importance` is an
+        `Importance`, a path, or None (removes the mask). The trained deltas are untouched.
+        """
+        import copy
+
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(self.peft_config)}.")
+        config = copy.copy(self.peft_config[adapter_name])
+        config.importance = importance
+        plan = build_plan(self.model, config)
+        for key, entry in plan.entries.items():
+            layer = self.model.get_submodule(key)
+            if not isinstance(layer, CoFiTuneLayer) or adapter_name not in layer.cofitune_scale:
+                continue
+            buffer = layer.cofitune_scale[adapter_name]
+            buffer.copy_(entry.scale.to(buffer.device, buffer.dtype))
+        stored = self.peft_config[adapter_name]
+        stored.importance = importance
+        stored.importance_source = None
+
     # ------------------------------------------------------------------ introspection
 
     def cofitune_layers(self) -> list[tuple[str, Linear]]:

@@ -1,0 +1,51 @@
+"""The `cofitune` command: `cofitune importance`, `cofitune search`, `cofitune report`, `cofitune demo`.
+
+Each sub-command lives in the module that implements it, which provides `add_<name>_arguments(parser)` and
+`<name>_command(args) -> int`; this file only wires them up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import CoFiTuneError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "importance": ("cofitune_peft.estimation", "estimate unit importance (KL robustness proxy) and save it"),
+    "search": ("cofitune_peft.search", "coarse search for the layer window and modules"),
+    "report": ("cofitune_peft.search", "table and plot of a finished or partial search"),
+    "demo": ("cofitune_peft.demo", "the end-to-end experiment on SmolLM2-135M-Instruct"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cofitune", description="CoFiTune as a PEFT method.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue  # not built yet
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(module, f"add_{name}_arguments")(p)
+        p.set_defaults(func=getattr(module, f"{name}_command"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CoFiTuneError as err:
+        print(f"cofitune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
