@@ -17,13 +17,11 @@ __version__ = "0.1.0"
 
 _peft_compat.register(CoFiTuneConfig, CoFiTuneModel)
 
-__all__ = sorted(
-    [
-        "CoFiTuneConfig",
-        "CoFiTuneError",
-        "CoFiTuneLayer",
-        "CoFiTuneModel",
-        "Importance",
-        "__version__",
-    ]
-)
+__all__ = [
+    "CoFiTuneConfig",
+    "CoFiTuneError",
+    "CoFiTuneLayer",
+    "CoFiTuneModel",
+    "Importance",
+    "__version__",
+]

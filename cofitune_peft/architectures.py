@@ -194,7 +194,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 #: Mixture-of-experts models store their experts as fused 3-D parameters (transformers >= 5), not as modules.
-MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "dbrx", "jamba"})
+MOE_MODEL_TYPES = frozenset(
+    {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "dbrx", "jamba"}
+)
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,9 @@ def spec_from_unit_map(unit_map: dict[str, str], layers_pattern: str | None) -> 
             attn_out = name
         if unit == "output":
             ffn_down = name
-    return ArchSpec(layers_pattern=layers_pattern or "layers", modules=tuple(modules), attn_out=attn_out, ffn_down=ffn_down)
+    return ArchSpec(
+        layers_pattern=layers_pattern or "layers", modules=tuple(modules), attn_out=attn_out, ffn_down=ffn_down
+    )
 
 
 @dataclass
@@ -337,7 +341,11 @@ def layer_index_regex(layers_pattern: str) -> re.Pattern:
 
 
 def find_targets(
-    model: nn.Module, spec: ArchSpec, roles: frozenset[str], layers: range, explicit_names: frozenset[str] = frozenset()
+    model: nn.Module,
+    spec: ArchSpec,
+    roles: frozenset[str],
+    layers: range,
+    explicit_names: frozenset[str] = frozenset(),
 ) -> list[Target]:
     """All modules of `spec` inside `layers` whose roles intersect `roles` (or whose name is in `explicit_names`)."""
     pattern = layer_index_regex(spec.layers_pattern)

@@ -86,7 +86,9 @@ class CoFiTuneConfig(PeftConfig):
         default=None, metadata={"help": "Module name -> unit, for architectures without a built-in layout."}
     )
     layers_pattern: str | None = field(default=None, metadata={"help": "Name of the decoder-layer ModuleList."})
-    save_dtype: str | None = field(default=None, metadata={"help": "Dtype of the saved deltas: float32/bfloat16/float16."})
+    save_dtype: str | None = field(
+        default=None, metadata={"help": "Dtype of the saved deltas: float32/bfloat16/float16."}
+    )
     fix_input_grads: bool = field(
         default=True, metadata={"help": "Keep layers below the window out of the backward pass under checkpointing."}
     )

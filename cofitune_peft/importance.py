@@ -30,7 +30,9 @@ def _check_tensor(name: str, value: Any, normalized: bool) -> torch.Tensor | Non
         try:
             value = torch.as_tensor(value, dtype=torch.float32)
         except (TypeError, ValueError) as err:
-            raise CoFiTuneError(f"`{name}` must be a tensor of shape [layers, units], got {type(value).__name__}.") from err
+            raise CoFiTuneError(
+                f"`{name}` must be a tensor of shape [layers, units], got {type(value).__name__}."
+            ) from err
     if value.dim() != 2 or value.shape[0] == 0 or value.shape[1] == 0:
         raise CoFiTuneError(
             f"`{name}` must be a 2-D tensor [layers, units] with both sizes > 0, got shape {tuple(value.shape)}."
@@ -95,7 +97,9 @@ class Importance:
             )
         layer_counts = {p: v.shape[0] for p, v in present.items()}
         if len(set(layer_counts.values())) != 1:
-            raise CoFiTuneError(f"the parts of an `Importance` must have the same number of layers, got {layer_counts}.")
+            raise CoFiTuneError(
+                f"the parts of an `Importance` must have the same number of layers, got {layer_counts}."
+            )
         self.metadata = {str(k): str(v) for k, v in (self.metadata or {}).items()}
         # From here on, values are normalised.
         self.normalized = True
@@ -205,7 +209,7 @@ class Importance:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f}
         except Exception as err:  # safetensors raises several types for corrupt files
             raise CoFiTuneError(f"`importance`: {path!r} is not a readable safetensors file ({err}).") from err
         if meta.get("format") != FORMAT:

@@ -74,7 +74,9 @@ class CoFiTuneLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.is_conv1d = type(base_layer).__name__ == "Conv1D"
         if not (isinstance(base_layer, nn.Linear) or self.is_conv1d):
-            raise CoFiTuneError(f"CoFiTune cannot wrap a {type(base_layer).__name__}; it supports nn.Linear and Conv1D.")
+            raise CoFiTuneError(
+                f"CoFiTune cannot wrap a {type(base_layer).__name__}; it supports nn.Linear and Conv1D."
+            )
 
     @property
     def _available_adapters(self) -> set[str]:
@@ -188,7 +190,7 @@ class Linear(nn.Module, CoFiTuneLayer):
         base = self.get_base_layer()
         weight = self._weight()
         if self.is_conv1d:
-            size_out = x.size()[:-1] + (weight.shape[1],)
+            size_out = (*x.size()[:-1], weight.shape[1])
             out = torch.addmm(base.bias, x.view(-1, x.size(-1)).to(weight.dtype), weight)
             return out.view(size_out)
         return F.linear(x.to(weight.dtype) if not torch.is_autocast_enabled() else x, weight, base.bias)

@@ -180,10 +180,8 @@ class CoFiTuneModel(BaseTuner):
                 functools.partial(_fix_input_grads, self), with_kwargs=True
             )
             self._cofitune_window_hook = None
-            from transformers import PreTrainedModel
-
-            # Where `enable_input_require_grads` may leave its hooks; looked up once, checked every forward.
-            self._cofitune_owners = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+            # Where `enable_input_require_grads` leaves its hooks; looked up once, checked every forward.
+            self._cofitune_embeddings = _input_embeddings(model)
 
     # ------------------------------------------------------------------ save / load
 
@@ -203,7 +201,8 @@ class CoFiTuneModel(BaseTuner):
         own = {
             k: v
             for k, v in model.state_dict().items()
-            if (".cofitune_delta." in k or ".cofitune_scale." in k) and k.endswith((f".{adapter_name}.weight", f".{adapter_name}"))
+            if (".cofitune_delta." in k or ".cofitune_scale." in k)
+            and k.endswith((f".{adapter_name}.weight", f".{adapter_name}"))
         }
         missing = sorted(k for k in own if k not in remapped)
         if missing:
@@ -290,8 +289,8 @@ def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
     """
     if not module.training:
         return None
-    owners = [m for m in tuner._cofitune_owners if getattr(m, "_require_grads_hooks", None)]
-    if not owners:
+    found = _input_grad_hooks(tuner._cofitune_embeddings)
+    if not found:
         return None
     configs = [tuner.peft_config[a] for a in tuner.active_adapters if a in tuner.peft_config]
     if not configs or not all(getattr(c, "fix_input_grads", False) for c in configs):
@@ -301,8 +300,14 @@ def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
         return None
     lowest, layer_module = trainable_layers
     reentrant = _reentrant_checkpointing(module)
-    for owner in owners:
-        owner.disable_input_require_grads()
+    for embedding, hook_id in found:
+        # transformers keeps only the handle of its last `enable_input_require_grads` call (and checkpointing
+        # calls it too), so earlier hooks cannot be removed through their handles: drop them by identity.
+        for registry in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            getattr(embedding, registry, {}).pop(hook_id, None)
+    for owner in module.modules():
+        if getattr(owner, "_require_grads_hooks", None):
+            owner._require_grads_hooks = []
     if reentrant and tuner._cofitune_window_hook is None:
         tuner._cofitune_window_hook = layer_module.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
         logger.info(
@@ -311,8 +316,38 @@ def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
             lowest,
         )
     else:
-        logger.info("CoFiTune: removed the input-require-grads hook; layers below %d stay out of the backward pass.", lowest)
+        logger.info(
+            "CoFiTune: removed the input-require-grads hook; layers below %d stay out of the backward pass.", lowest
+        )
     return None
+
+
+_INPUT_GRAD_HOOK_NAMES = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def _input_embeddings(model: nn.Module) -> list[nn.Module]:
+    found = {}
+    for m in model.modules():
+        getter = getattr(m, "get_input_embeddings", None)
+        if getter is None:
+            continue
+        try:
+            emb = getter()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(emb, nn.Module):
+            found[id(emb)] = emb
+    return list(found.values())
+
+
+def _input_grad_hooks(embeddings: list[nn.Module]) -> list[tuple[nn.Module, int]]:
+    """The forward hooks that transformers/PEFT/TRL put on the input embeddings to make their output require grad."""
+    return [
+        (emb, hook_id)
+        for emb in embeddings
+        for hook_id, fn in emb._forward_hooks.items()
+        if getattr(fn, "__name__", "") in _INPUT_GRAD_HOOK_NAMES
+    ]
 
 
 def _inputs_require_grad(module, args, kwargs):

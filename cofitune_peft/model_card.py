@@ -27,7 +27,7 @@ def _section(peft_model) -> str:
         if not isinstance(cfg, CoFiTuneConfig):
             continue
         a, b = cfg.layers
-        lines.append(f"- Adapter `{name}`: decoder layers {a}..{b - 1} (the paper's \"({a}, {b}]\")")
+        lines.append(f'- Adapter `{name}`: decoder layers {a}..{b - 1} (the paper\'s "({a}, {b}]")')
         lines.append(f"  - Trained modules: `{cfg.target_modules}`")
         lines.append(f"  - Soft mask: `{cfg.softmask_mode}` mode; importance from {cfg.importance_source or 'none'}")
         if hasattr(tuner, "mask_statistics"):

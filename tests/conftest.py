@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import cofitune_peft  # noqa: E402,F401  (registers the method)
+import cofitune_peft  # noqa: F401  (registers the method)
 
 torch.set_num_threads(int(os.environ.get("COFITUNE_TEST_THREADS", "2")))
 

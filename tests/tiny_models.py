@@ -58,3 +58,24 @@ def tiny_model(model_type: str = "llama", num_layers: int = 8, seed: int = 0, **
 def batch(seed: int = 0, size: int = 2, length: int = 12):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (size, length), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (ids < VOCAB), with a minimal chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{% generation %}{{ eos_token }}{% endgeneration %}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
+    return fast
