@@ -7,6 +7,7 @@ and `AutoPeftModelForCausalLM` work with CoFiTune adapters.
 from __future__ import annotations
 
 from . import _peft_compat
+from .callback import CoFiTuneCallback
 from .config import CoFiTuneConfig
 from .errors import CoFiTuneError
 from .importance import Importance
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 _peft_compat.register(CoFiTuneConfig, CoFiTuneModel)
 
 __all__ = [
+    "CoFiTuneCallback",
     "CoFiTuneConfig",
     "CoFiTuneError",
     "CoFiTuneLayer",

@@ -209,7 +209,7 @@ class Importance:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except Exception as err:  # safetensors raises several types for corrupt files
             raise CoFiTuneError(f"`importance`: {path!r} is not a readable safetensors file ({err}).") from err
         if meta.get("format") != FORMAT:
