@@ -37,10 +37,11 @@ class CoFiTuneConfig(PeftConfig):
             The units' versatility importance, or a path to a file written by `Importance.save`. `None` trains without
             a soft mask (the coarse level only). Only the per-row scales derived from it are stored in the adapter.
         softmask_mode (`str`, *optional*, defaults to `"update"`):
-            `"update"` scales the weight *change* (W = W0 + (1 - I) * Delta), which stays effective under AdamW;
-            `"gradient"` scales the gradient (the paper's placement; under Adam a constant per-row factor cancels
-            out, so it is close to a no-op unless a unit's importance is ~1: keep it for ablations and SGD);
-            `"none"` ignores the importance.
+            `"update"` scales the weight *change*: the optimizer computes its step from W's true gradient and each
+            row moves `1 - I` times that step (W = W0 + (1 - I) * Delta, with Delta receiving W's gradient), which
+            works under AdamW, SGD or any optimizer; `"gradient"` scales the gradient (the paper's placement; Adam
+            divides a constant per-row factor out again, so under AdamW it is close to a no-op unless a unit's
+            importance is ~1: keep it for ablations and SGD); `"none"` ignores the importance.
         unit_map (`dict[str, str]`, *optional*, defaults to `None`):
             For architectures without a built-in layout: module name inside a decoder layer -> unit it feeds
             (`"intermediate"`, `"output"`, `"head"`, `"kv_head"`, `"head@in"` for columns grouped by head, or `"none"`).

@@ -2,13 +2,14 @@
 
 Modes (see `CoFiTuneConfig.softmask_mode`), with `s = 1 - I` per row (or column) and `r` the 0/1 row selection:
 
-- `update`:   W = W0 + (s * r) * Delta. The optimizer moves Delta; W moves s times as far as an unmasked row, under
-  AdamW too, because Adam normalises Delta's gradient, not the factor applied after it.
+- `update`:   W = W0 + (s * r) * Delta, and Delta receives W's gradient (times r) unscaled. The optimizer thus
+  computes its step from the true gradient of W, and the weight moves by s times that step: "scale the step after
+  the optimizer", for AdamW, SGD or any other optimizer, with gradient clipping seeing the true gradient norm.
 - `gradient`: W = W0 + r * Delta, with Delta's gradient multiplied by s (identity forward, scaled backward). This is
-  the paper's placement; Adam divides it out again.
+  the paper's placement; Adam divides a constant per-row factor out again, so under AdamW it is close to a no-op.
 - `none`:     W = W0 + r * Delta.
 
-Both masks are ops inside the forward pass, so they are right under DDP, FSDP1 and FSDP2 and survive
+All three are ops inside the forward pass, so they are right under DDP, FSDP1 and FSDP2 and survive
 `cast_adapter_dtype` (parameter hooks would not; see docs/method.md).
 """
 
@@ -26,18 +27,22 @@ from .architectures import weight_axis
 from .errors import CoFiTuneError
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity in the forward pass, multiplies the gradient by `scale` in the backward pass."""
+class _MaskedDelta(torch.autograd.Function):
+    """`delta * forward_scale` in the forward pass; the incoming gradient times `backward_scale` in the backward pass.
+
+    With `backward_scale != forward_scale` this is deliberately not the exact derivative: it lets the mask act on
+    the optimizer's step (`update` mode) or on the gradient only (`gradient` mode), see the module docstring.
+    """
 
     @staticmethod
-    def forward(ctx, tensor, scale):
-        ctx.save_for_backward(scale)
-        return tensor.view_as(tensor)
+    def forward(ctx, delta, forward_scale, backward_scale):
+        ctx.save_for_backward(backward_scale)
+        return delta * forward_scale
 
     @staticmethod
     def backward(ctx, grad):
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None
+        (backward_scale,) = ctx.saved_tensors
+        return grad * backward_scale, None, None
 
 
 class DeltaWeight(nn.Module):
@@ -124,14 +129,21 @@ class CoFiTuneLayer(BaseTunerLayer):
             return rows * self.cofitune_scale[adapter_name]
         return rows
 
+    def gradient_scale(self, adapter_name: str) -> torch.Tensor:
+        """The factor applied to the gradient that reaches the delta, per row/column."""
+        rows = self.cofitune_rows[adapter_name]
+        if self.cofitune_mode[adapter_name] == "gradient":
+            return rows * self.cofitune_scale[adapter_name]
+        return rows
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The change this adapter makes to the base weight (differentiable w.r.t. the delta)."""
+        """The change this adapter makes to the base weight (differentiable w.r.t. the delta, with the mask)."""
         delta = self.cofitune_delta[adapter_name].weight
         forward_scale = self._broadcast(self.effective_scale(adapter_name), adapter_name).to(delta.dtype)
-        if self.cofitune_mode[adapter_name] == "gradient" and delta.requires_grad:
-            grad_scale = self._broadcast(self.cofitune_scale[adapter_name], adapter_name).to(delta.dtype)
-            delta = _ScaleGrad.apply(delta, grad_scale)
-        return delta * forward_scale
+        if not (delta.requires_grad and torch.is_grad_enabled()):
+            return delta * forward_scale
+        backward_scale = self._broadcast(self.gradient_scale(adapter_name), adapter_name).to(delta.dtype)
+        return _MaskedDelta.apply(delta, forward_scale, backward_scale)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)

@@ -107,9 +107,22 @@ def movement_ratios(mode: str, optimizer: str, scales=(0.5, 0.1, 0.01)) -> list[
     return ratios
 
 
-def test_update_mode_under_adamw_moves_a_unit_s_times_as_far():
-    for s, ratio in zip((0.5, 0.1, 0.01), movement_ratios("update", "adamw")):
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_update_mode_moves_a_unit_s_times_as_far(optimizer):
+    for s, ratio in zip((0.5, 0.1, 0.01), movement_ratios("update", optimizer)):
         assert ratio == pytest.approx(s, rel=0.10), (s, ratio)
+
+
+def test_update_mode_gives_the_optimizer_the_true_gradient():
+    # the delta's gradient is W's gradient (rows of trained roles), whatever the mask: clipping sees true norms
+    masked = get_peft_model(tiny_model(), CoFiTuneConfig(layers=(2, 4), importance=imp_with({0: 0.9, 1: 0.5})))
+    plain = get_peft_model(tiny_model(), CoFiTuneConfig(layers=(2, 4)))
+    x = batch()
+    for pm in (masked, plain):
+        pm.train()
+        pm(input_ids=x, labels=x).loss.backward()
+    grad = lambda pm: pm.get_submodule(UP).cofitune_delta["default"].weight.grad  # noqa: E731
+    assert torch.equal(grad(masked), grad(plain))
 
 
 def test_gradient_mode_is_near_noop_under_adamw_but_works_under_sgd():

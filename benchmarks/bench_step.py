@@ -1,0 +1,155 @@
+"""Training step time and peak memory: CoFiTune vs LoRA r16 (all linear) vs full fine-tuning on SmolLM2-135M.
+
+One run of this script measures every configuration, each in its own child process (so that each one's peak RSS is
+its own), on the same batch (4 x 256 tokens), with AdamW, and prints ratios against LoRA and full fine-tuning.
+
+    python benchmarks/bench_step.py [--steps 6] [--threads 2] [--out benchmarks/results/step.json]
+
+Run it alone: two torch processes on two cores slow each other down many times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "full_ft": "full fine-tuning",
+    "lora_r16": "LoRA r16, all linear",
+    "cofitune_coarse": "CoFiTune, default window, no mask",
+    "cofitune_mask": "CoFiTune, default window, mask (update)",
+    "cofitune_mask_gradient": "CoFiTune, default window, mask (gradient)",
+    "cofitune_mask_ckpt": "CoFiTune mask + checkpointing (Trainer-style)",
+}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(name: str, steps: int, threads: int, batch: int, length: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import cofitune_peft  # noqa: F401
+    from cofitune_peft import CoFiTuneConfig, Importance
+    from cofitune_peft.models import load_smollm2
+
+    model, _ = load_smollm2()
+    loaded_mb = rss_mb()
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    if name == "full_ft":
+        trainable = model
+    elif name == "lora_r16":
+        from peft import LoraConfig, get_peft_model
+
+        trainable = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    else:
+        from peft import get_peft_model
+
+        importance = None
+        if name != "cofitune_coarse":
+            g = torch.Generator().manual_seed(0)
+            importance = Importance(
+                heads=torch.rand(n, cfg.num_attention_heads, generator=g),
+                intermediate=torch.rand(n, cfg.intermediate_size, generator=g),
+                output=torch.rand(n, cfg.hidden_size, generator=g),
+            )
+        mode = "gradient" if name == "cofitune_mask_gradient" else "update"
+        trainable = get_peft_model(model, CoFiTuneConfig(importance=importance, softmask_mode=mode))
+        if name == "cofitune_mask_ckpt":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            trainable.enable_input_require_grads()
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, length), generator=g)
+    trainable.train()
+    times = []
+    for step in range(steps + 2):
+        start = time.perf_counter()
+        loss = trainable(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - start)
+    return {
+        "name": name,
+        "trainable_params": sum(p.numel() for p in params),
+        "step_s_median": statistics.median(times),
+        "step_s_all": times,
+        "peak_rss_mb": rss_mb(),
+        "rss_after_load_mb": loaded_mb,
+        "threads": threads,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--out", default="benchmarks/results/step.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.threads, args.batch, args.length)))
+        return
+
+    from tqdm import tqdm
+
+    results = {}
+    for name in tqdm(args.configs, desc="configurations"):
+        cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--threads", str(args.threads)]
+        cmd += ["--batch", str(args.batch), "--length", str(args.length)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+
+    def ratio(a, b, key):
+        return results[a][key] / results[b][key] if a in results and b in results else float("nan")
+
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            {
+                "configuration": CONFIGS[name],
+                "trainable M": r["trainable_params"] / 1e6,
+                "step s": r["step_s_median"],
+                "peak RSS MB": r["peak_rss_mb"],
+                "step / LoRA": ratio(name, "lora_r16", "step_s_median"),
+                "step / full": ratio(name, "full_ft", "step_s_median"),
+                "peak / LoRA": ratio(name, "lora_r16", "peak_rss_mb"),
+            }
+        )
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    summary = {
+        "cofitune_mask_step_vs_lora": ratio("cofitune_mask", "lora_r16", "step_s_median"),
+        "cofitune_mask_step_vs_full": ratio("cofitune_mask", "full_ft", "step_s_median"),
+        "cofitune_mask_peak_vs_lora": ratio("cofitune_mask", "lora_r16", "peak_rss_mb"),
+        "mask_overhead": ratio("cofitune_mask", "cofitune_coarse", "step_s_median") - 1,
+    }
+    print(json.dumps(summary, indent=2))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "results": results, "summary": summary, "table": table}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
