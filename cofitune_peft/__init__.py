@@ -10,6 +10,7 @@ from . import _peft_compat
 from .callback import CoFiTuneCallback
 from .config import CoFiTuneConfig
 from .errors import CoFiTuneError
+from .estimation import estimate_importance
 from .importance import Importance
 from .layer import CoFiTuneLayer
 from .model import CoFiTuneModel
@@ -26,4 +27,5 @@ __all__ = [
     "CoFiTuneModel",
     "Importance",
     "__version__",
+    "estimate_importance",
 ]

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import cofitune_peft  # noqa: F401  (registers the method)
 
-torch.set_num_threads(int(os.environ.get("COFITUNE_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("COFITUNE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)
