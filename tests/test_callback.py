@@ -147,3 +147,22 @@ def test_callback_without_cofitune_adapter_warns(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         trainer.train()
     assert "no CoFiTune adapter" in caplog.text
+
+
+def test_callback_estimates_importance_at_train_start(tmp_path):
+    general = [f"The river {i} flows past the old mill and into the sea." for i in range(8)]
+    trainer = SFTTrainer(
+        model=tiny_model(),
+        args=sft_args(tmp_path, max_steps=2),
+        train_dataset=domain_data(8),
+        processing_class=tiny_tokenizer(),
+        peft_config=CoFiTuneConfig(layers=(2, 4)),
+        callbacks=[CoFiTuneCallback(importance_dataset=general, num_samples=8, batch_size=4, max_length=32)],
+    )
+    trainer.train()
+    tuner = find_tuner(trainer.model)
+    scale = tuner.model.model.layers[2].mlp.up_proj.cofitune_scale["default"]
+    assert scale.min() < 1.0 and scale.max() <= 1.0
+    saved = Importance.load(tmp_path / "out" / IMPORTANCE_FILE)
+    assert torch.allclose(scale, 1 - saved.intermediate[2])
+    assert "num_tokens" in saved.metadata
