@@ -11,9 +11,12 @@ from .callback import CoFiTuneCallback
 from .config import CoFiTuneConfig
 from .errors import CoFiTuneError
 from .estimation import estimate_importance
+from .evaluation import SpecialityEval, VersatilityEval
 from .importance import Importance
 from .layer import CoFiTuneLayer
 from .model import CoFiTuneModel
+from .search import SearchResult, search_layers
+from .training import train_sft
 
 __version__ = "0.1.0"
 
@@ -26,6 +29,11 @@ __all__ = [
     "CoFiTuneLayer",
     "CoFiTuneModel",
     "Importance",
+    "SearchResult",
+    "SpecialityEval",
+    "VersatilityEval",
     "__version__",
     "estimate_importance",
+    "search_layers",
+    "train_sft",
 ]
