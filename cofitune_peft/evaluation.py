@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .data import extract_number
 from .errors import CoFiTuneError
 from .training import IGNORE_INDEX, collate, has_chat_template, pad_id_of, render_prompt
 
 logger = logging.getLogger(__name__)
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s.-]|(?<!\d)\.|\.(?!\d)")
 
@@ -112,12 +112,6 @@ def unified_score(spec: float, vers: float, weight: float = 0.5) -> float:
 
 
 # ------------------------------------------------------------------ answer matching
-
-
-def extract_number(text: str) -> str | None:
-    """The last number in `text` (thousands separators dropped), or None: "47 + 38 = 85." -> "85"."""
-    found = _NUMBER.findall(text)
-    return found[-1].replace(",", "") if found else None
 
 
 def first_line(text: str) -> str:
@@ -375,7 +369,7 @@ class SpecialityEval:
                 accepted for `answer`, so a held-out split of the training data works); an optional `aliases` list
                 holds other accepted answers.
             answer_extractor (`Callable[[str], str | None]`, *optional*): maps the generated text to the answer.
-                Defaults to `extract_number` (the last number, the GSM8K convention) for numeric items, to the whole
+                Defaults to `data.extract_number` (after "answer is", else after the last "=", else the last number) for numeric items, to the whole
                 text with `match="contains"`, and to `first_line` otherwise.
             numeric (`bool`, *optional*): compare as numbers ("85.0" == "85"). `None`: per item, when its answer
                 parses as a number.
