@@ -3,15 +3,18 @@
 PEFT has no plugin route for new methods: `register_peft_method` refuses any name that is not a member of the
 `PeftType` str-enum, and transformers' adapter loading calls `peft_config.peft_type.value`, so the type must be a real
 enum member. We add `PeftType.COFITUNE` at import time and then use the official registration. We also wrap
-`PeftModel.save_pretrained` (atomic writes for CoFiTune adapters) and `PeftModel.create_or_update_model_card` (a model
-card that says what was trained); both wrappers pass every other PEFT method through untouched.
+`PeftModel.save_pretrained` (atomic writes for CoFiTune adapters), `PeftModel.load_adapter` (a damaged or mismatched
+adapter file is refused with an error that names it) and `PeftModel.create_or_update_model_card` (a model card that
+says what was trained); the wrappers pass every other PEFT method through untouched.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
+import struct
 import tempfile
 
 import peft
@@ -112,6 +115,68 @@ def _atomic_save_pretrained(original):
     return save_pretrained
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _local_cofitune_weights(model_id, subfolder: str | None) -> str | None:
+    """The weights file of a CoFiTune adapter saved in a local folder, or None (Hub ids, other PEFT methods)."""
+    folder = os.path.join(os.fspath(model_id), subfolder or "")
+    config = os.path.join(folder, ADAPTER_CONFIG)
+    weights = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not (os.path.isfile(config) and os.path.isfile(weights)):
+        return None
+    try:
+        with open(config) as f:
+            peft_type = json.load(f).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # PEFT reports a broken config itself
+    return weights if peft_type == PEFT_TYPE_NAME else None
+
+
+def check_safetensors_file(path: str) -> None:
+    """Raise `CoFiTuneError` naming `path` unless its header parses and its size matches the tensors it declares."""
+    from .errors import CoFiTuneError
+
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise ValueError(f"the header claims {length} bytes but the file has {size}")
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end != size:
+            raise ValueError(f"the tensors end at byte {8 + length + end} but the file has {size} bytes")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise CoFiTuneError(
+            f"adapter file {path} is truncated or corrupt ({err}); save the adapter again or restore it from a copy."
+        ) from err
+
+
+def _checked_load_adapter(original):
+    @functools.wraps(original)
+    def load_adapter(self, model_id, *args, **kwargs):
+        from .errors import CoFiTuneError
+
+        weights = _local_cofitune_weights(model_id, kwargs.get("subfolder"))
+        if weights is None:
+            return original(self, model_id, *args, **kwargs)
+        check_safetensors_file(weights)
+        try:
+            return original(self, model_id, *args, **kwargs)
+        except CoFiTuneError as err:
+            if weights in str(err):
+                raise
+            raise CoFiTuneError(f"adapter file {weights}: {err}") from err
+
+    load_adapter._cofitune_wrapped = True
+    return load_adapter
+
+
 def _model_card(original):
     @functools.wraps(original)
     def create_or_update_model_card(self, output_dir):
@@ -131,5 +196,7 @@ def _wrap_peft_model() -> None:
 
     if not getattr(PeftModel.save_pretrained, "_cofitune_wrapped", False):
         PeftModel.save_pretrained = _atomic_save_pretrained(PeftModel.save_pretrained)
+    if not getattr(PeftModel.load_adapter, "_cofitune_wrapped", False):
+        PeftModel.load_adapter = _checked_load_adapter(PeftModel.load_adapter)
     if not getattr(PeftModel.create_or_update_model_card, "_cofitune_wrapped", False):
         PeftModel.create_or_update_model_card = _model_card(PeftModel.create_or_update_model_card)

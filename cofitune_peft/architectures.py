@@ -268,11 +268,17 @@ def dims_of(model: nn.Module, spec: ArchSpec | None = None) -> Dims:
         for name, module in model.named_modules():
             if name.endswith("." + spec.ffn_down) and hasattr(module, "weight"):
                 w = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
-                intermediate = w.shape[0] if _is_conv1d(module) else w.shape[1]
+                intermediate = full_shape(w)[0] if _is_conv1d(module) else full_shape(w)[1]
                 break
     if intermediate is None:
         intermediate = 4 * hidden
     return Dims(int(num_layers), int(num_heads), int(num_kv_heads), int(head_dim), int(hidden), int(intermediate))
+
+
+def full_shape(weight: torch.Tensor) -> torch.Size:
+    """A weight's full shape, also under DeepSpeed ZeRO-3 `zero.Init`, where the local tensor is empty."""
+    shape = getattr(weight, "ds_shape", None)
+    return torch.Size(shape) if shape is not None else weight.shape
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -301,7 +307,7 @@ def spec_for(model: nn.Module) -> ArchSpec:
             f"model_type {model_type!r} has no built-in CoFiTune layout (known: {', '.join(sorted(ARCHITECTURES))}). "
             "Describe it yourself: pass `target_modules` as module names and `unit_map` giving each module's unit, "
             "e.g. CoFiTuneConfig(target_modules=['mlp.fc_in', 'mlp.fc_out'], unit_map={'mlp.fc_in': 'intermediate', "
-            "'mlp.fc_out': 'output'}, layers_pattern='layers'). Units: 'intermediate', 'output', 'head', 'kv_head', "
+            "'mlp.fc_out': 'output'}, layers_pattern='h'). Units: 'intermediate', 'output', 'head', 'kv_head', "
             "'head@in' (columns grouped by head, as in an attention output projection) or 'none' (no soft mask)."
         )
     return ARCHITECTURES[model_type]

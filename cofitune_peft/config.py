@@ -151,7 +151,9 @@ class CoFiTuneConfig(PeftConfig):
         if tm is None:
             self.target_modules = "ffn"
             return []
-        if isinstance(tm, (set, tuple)):
+        if isinstance(tm, (set, tuple, frozenset)):
+            if not all(isinstance(x, str) and x for x in tm):
+                return [f"`target_modules` entries must all be non-empty module names (strings), got {tm!r}."]
             tm = self.target_modules = sorted(tm)
         if isinstance(tm, str):
             if tm in SHORTHANDS or tm in ROLES:

@@ -129,8 +129,9 @@ class Importance:
         for part, value in self.parts().items():
             if tuple(value.shape) != expected[part]:
                 origin = self.metadata.get("model", "another model")
+                where = f" (file {self.metadata['source']})" if self.metadata.get("source") else ""
                 raise CoFiTuneError(
-                    f"`{source}`: part `{part}` has shape {tuple(value.shape)} but this model needs {expected[part]} "
+                    f"`{source}`{where}: part `{part}` has shape {tuple(value.shape)} but this model needs {expected[part]} "
                     f"([layers, units]); it was estimated on {origin}. Estimate the importance on this model."
                 )
 
@@ -193,6 +194,9 @@ class Importance:
         os.close(fd)
         try:
             save_file({p: v.contiguous() for p, v in self.parts().items()}, tmp, metadata=metadata)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

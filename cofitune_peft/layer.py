@@ -23,7 +23,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .architectures import weight_axis
+from .architectures import full_shape, weight_axis
 from .errors import CoFiTuneError
 
 
@@ -49,15 +49,20 @@ class DeltaWeight(nn.Module):
     """Holds one adapter's trained change of a weight, in the base weight's layout.
 
     A leaf module with a `.weight`, so PEFT's FSDP auto-wrap policy and TRL's `.default.` name checks see it like a
-    LoRA matrix.
+    LoRA matrix. Its forward returns the masked delta: under FSDP1 the auto-wrap policy makes it an FSDP unit, and
+    only a call through its forward gathers the full weight from the local shard.
     """
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device | None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
 
-    def forward(self):  # pragma: no cover - never called, kept for nn.Module completeness
-        return self.weight
+    def forward(self, forward_scale: torch.Tensor, backward_scale: torch.Tensor) -> torch.Tensor:
+        delta = self.weight
+        forward_scale = forward_scale.to(delta.dtype)
+        if not (delta.requires_grad and torch.is_grad_enabled()):
+            return delta * forward_scale
+        return _MaskedDelta.apply(delta, forward_scale, backward_scale.to(delta.dtype))
 
 
 class CoFiTuneLayer(BaseTunerLayer):
@@ -99,15 +104,16 @@ class CoFiTuneLayer(BaseTunerLayer):
         inference_mode: bool = False,
     ) -> None:
         weight = self.get_base_layer().weight
+        shape = full_shape(weight)
         dim = weight_axis(self.get_base_layer(), axis)
-        if scale.shape != (weight.shape[dim],) or rows.shape != scale.shape:
+        if scale.shape != (shape[dim],) or rows.shape != scale.shape:
             raise CoFiTuneError(
-                f"soft-mask scale of shape {tuple(scale.shape)} does not fit a weight of shape {tuple(weight.shape)} "
+                f"soft-mask scale of shape {tuple(scale.shape)} does not fit a weight of shape {tuple(shape)} "
                 f"along dim {dim}."
             )
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         device = weight.device if weight.device.type != "meta" else None
-        self.cofitune_delta[adapter_name] = DeltaWeight(weight.shape, dtype, device)
+        self.cofitune_delta[adapter_name] = DeltaWeight(shape, dtype, device)
         if not init_weights:
             with torch.no_grad():
                 self.cofitune_delta[adapter_name].weight.normal_(0.0, 0.02)
@@ -138,12 +144,9 @@ class CoFiTuneLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The change this adapter makes to the base weight (differentiable w.r.t. the delta, with the mask)."""
-        delta = self.cofitune_delta[adapter_name].weight
-        forward_scale = self._broadcast(self.effective_scale(adapter_name), adapter_name).to(delta.dtype)
-        if not (delta.requires_grad and torch.is_grad_enabled()):
-            return delta * forward_scale
-        backward_scale = self._broadcast(self.gradient_scale(adapter_name), adapter_name).to(delta.dtype)
-        return _MaskedDelta.apply(delta, forward_scale, backward_scale)
+        forward_scale = self._broadcast(self.effective_scale(adapter_name), adapter_name)
+        backward_scale = self._broadcast(self.gradient_scale(adapter_name), adapter_name)
+        return self.cofitune_delta[adapter_name](forward_scale, backward_scale)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)

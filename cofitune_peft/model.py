@@ -22,6 +22,7 @@ from .architectures import (
     count_layers,
     dims_of,
     find_targets,
+    full_shape,
     layer_index_regex,
     row_selection,
     spec_for,
@@ -118,7 +119,7 @@ def build_plan(model: nn.Module, config: CoFiTuneConfig) -> Plan:
     entries, uncovered = {}, set()
     for target in targets:
         module = _base(model.get_submodule(target.key))
-        size = module.weight.shape[weight_axis(module, target.layout.axis)]
+        size = full_shape(module.weight)[weight_axis(module, target.layout.axis)]
         scale, missing = module_scale(importance, target.layer, target.layout, dims, size)
         uncovered.update(missing)
         rows = row_selection(target.layout, dims, target.roles, size)
@@ -188,6 +189,12 @@ class CoFiTuneModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Also take this adapter's tensors by key: PEFT finds the tuner layers by module name and strips only a
+        # leading `_fsdp_wrapped_module.`, so under FSDP1 with nested units it would save an empty adapter.
+        suffixes = (f".{adapter_name}.weight", f".{adapter_name}")
+        for key, value in state_dict.items():
+            if (".cofitune_delta." in key or ".cofitune_scale." in key) and key.endswith(suffixes):
+                out.setdefault(key, value)
         save_dtype = getattr(config, "save_dtype", None)
         if save_dtype is not None:
             dtype = getattr(torch, save_dtype)
