@@ -5,7 +5,7 @@ Greedy decoding with the chat template (no system message of ours; the template 
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/data_baseline.py [--n-arith 30] [--n-capitals 40] [--seed 0] [--max-new-tokens 16] [--show]
 
-The figures are quoted in the module docstring of `cofitune_peft/data.py`.
+The figures are quoted in the module docstring of `cofitune_peft/data/__init__.py`.
 """
 
 from __future__ import annotations

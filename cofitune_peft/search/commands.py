@@ -1,0 +1,148 @@
+"""`cofitune search` and `cofitune report`: the coarse search from files on disk, and its table and plot.
+
+`cofitune search` reads the training and eval sets as JSON lines and the general text as paragraphs, builds the
+evaluators, runs `search_layers` and prints the result; `cofitune report` prints a finished or partial search again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+import torch
+
+from ..errors import CoFiTuneError
+from ..evaluation import SpecialityEval, VersatilityEval
+from .result import SearchResult
+from .tree import LEVELS, search_layers
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as fh:
+        items = [json.loads(line) for line in fh if line.strip()]
+    if not items:
+        raise CoFiTuneError(f"{path!r} holds no JSON lines.")
+    return items
+
+
+def read_general_text(path: str, min_chars: int = 800) -> list[str]:
+    """Paragraphs (blank-line separated) of a text file, merged into chunks of at least `min_chars` characters."""
+    with open(path) as fh:
+        paragraphs = [p.strip() for p in fh.read().split("\n\n") if p.strip()]
+    chunks, current = [], ""
+    for p in paragraphs:
+        current = f"{current}\n\n{p}" if current else p
+        if len(current) >= min_chars:
+            chunks.append(current)
+            current = ""
+    if current:
+        chunks.append(current)
+    if not chunks:
+        raise CoFiTuneError(f"{path!r} holds no text.")
+    return chunks
+
+
+def _model_loader(name: str):
+    if name in ("smollm2", "smollm2-135m-instruct"):
+        from ..models import load_smollm2
+
+        return load_smollm2, load_smollm2()[1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(name):
+        raise CoFiTuneError(f"`--model` must be 'smollm2' or a local model directory, got {name!r}.")
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (lambda: AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)), tokenizer
+
+
+def _parse_windows(text: str | None) -> list[tuple[int, int]] | None:
+    if not text:
+        return None
+    try:
+        return [tuple(int(x) for x in part.split(":")) for part in text.split(",")]
+    except ValueError:
+        raise CoFiTuneError(f"`--windows` takes 'a:b,c:d' (0-based, b exclusive), got {text!r}.") from None
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a path")
+    parser.add_argument("--train", required=True, help="training JSONL: prompt/completion, messages or text")
+    parser.add_argument("--eval", required=True, help="speciality JSONL: prompt/answer (or prompt/options/answer)")
+    parser.add_argument("--general", help="general text file for versatility (CE drift and KL)")
+    parser.add_argument("--probes", help="versatility probes JSONL: prompt/answer or prompt/options/answer")
+    parser.add_argument("--budget-steps", type=int, required=True, help="optimizer steps of every fine-tune")
+    parser.add_argument("--output-dir", required=True, help="results directory (re-run to resume)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="CoFiTune candidates' learning rate")
+    parser.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning reference's learning rate")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="generation length of exact-match evals")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--levels", default=",".join(LEVELS), help="comma-separated subset of window,module,refine")
+    parser.add_argument("--width", type=int, default=2, help="level-1 windows that get other modules in level 2")
+    parser.add_argument("--windows", help="level-1 windows instead of the paper's, e.g. '7:15,15:22'")
+    parser.add_argument("--weight", type=float, default=0.5, help="weight of Spec. in Uni.")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def search_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    loader, tokenizer = _model_loader(args.model)
+    evals = _read_jsonl(args.eval)
+    progress = not args.no_progress
+    if all("options" in x for x in evals):
+        speciality = SpecialityEval.multiple_choice(evals, tokenizer=tokenizer, progress=progress)
+    else:
+        speciality = SpecialityEval.exact_match(
+            evals, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, progress=progress
+        )
+    general = read_general_text(args.general) if args.general else None
+    probes = _read_jsonl(args.probes) if args.probes else None
+    versatility = VersatilityEval.default(
+        general, probes, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, progress=progress
+    )
+    result = search_layers(
+        loader,
+        _read_jsonl(args.train),
+        speciality,
+        versatility,
+        tokenizer=tokenizer,
+        budget_steps=args.budget_steps,
+        output_dir=args.output_dir,
+        learning_rate=args.lr,
+        full_ft_learning_rate=args.full_lr,
+        windows=_parse_windows(args.windows),
+        levels=[x.strip() for x in args.levels.split(",") if x.strip()],
+        width=args.width,
+        seed=args.seed,
+        progress=progress,
+        weight=args.weight,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    _print_report(result, os.path.join(args.output_dir, "search.png"))
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", help="a search's output directory (finished or partial)")
+    parser.add_argument("--weight", type=float, help="weight of Spec. in Uni. (default: the search's)")
+    parser.add_argument("--plot", help="where to write the plot (default: OUTPUT_DIR/search.png)")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    result = SearchResult.load(args.output_dir, weight=args.weight)
+    _print_report(result, args.plot or os.path.join(args.output_dir, "search.png"))
+    return 0
+
+
+def _print_report(result: SearchResult, plot_path: str) -> None:
+    print(result.to_markdown())
+    if result.candidates():
+        best = result.best
+        print(f"\nbest: CoFiTuneConfig(layers={tuple(best['window'])}, target_modules={best['modules']!r})")
+    print(f"plot: {result.plot(plot_path)}")

@@ -1,0 +1,247 @@
+"""`SearchResult`: what a coarse search found, one record per candidate, scored by Spec. / Vers. / Uni.
+
+It ranks the candidates, renders them as a table (pandas, markdown, JSON) and as a Spec.-Vers. plot, and reads a
+finished or partial search back from its per-candidate JSON files. `_write_json`, the atomic writer the search stores
+those files with, lives here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import CoFiTuneConfig
+from ..errors import CoFiTuneError
+from ..evaluation import speciality_score, unified_score, versatility_score
+
+TABLE_COLUMNS = ["window", "modules", "Spec.", "Vers.", "Uni.", "cost (s)", "level", "speciality", "versatility"]
+
+
+@dataclass
+class SearchResult:
+    """What a search found: one record per candidate, the base model and the full fine-tuning reference.
+
+    Args:
+        records (`list[dict]`): raw per-candidate results, as stored in `output_dir/candidates/*.json`.
+        weight (`float`, *optional*, defaults to 0.5): weight `w` of Spec. in `Uni. = w*Spec. + (1-w)*Vers.`.
+        output_dir (`str`, *optional*): where the search lives.
+    """
+
+    records: list[dict]
+    weight: float = 0.5
+    output_dir: str | None = None
+
+    def _get(self, kind: str) -> dict | None:
+        return next((r for r in self.records if r["kind"] == kind), None)
+
+    def scores(self, record: Mapping[str, Any]) -> dict[str, float]:
+        """Spec., Vers., Uni. of one record (NaN where undefined, e.g. full fine-tuning gained nothing)."""
+        base, full = self._get("base"), self._get("full")
+        nan = float("nan")
+        spec = vers = nan
+        if base is not None and full is not None:
+            with contextlib.suppress(CoFiTuneError):
+                spec = speciality_score(record["speciality"], base["speciality"], full["speciality"])
+        versatility = record.get("versatility")
+        if base is not None and versatility is not None:
+            with contextlib.suppress(CoFiTuneError):
+                vers = versatility_score(versatility, base["versatility"])
+        return {"Spec.": spec, "Vers.": vers, "Uni.": unified_score(spec, vers, self.weight)}
+
+    @property
+    def table(self):
+        """A pandas DataFrame, one row per candidate (base and full first), indexed by candidate key."""
+        import pandas as pd
+
+        rows = []
+        for r in self.records:
+            window = (
+                "all"
+                if r["kind"] == "full"
+                else "-"
+                if r["kind"] == "base"
+                else f"[{r['window'][0]}, {r['window'][1]})"
+            )
+            rows.append(
+                {
+                    "key": r["key"],
+                    "window": window,
+                    "modules": r.get("modules") or "-",
+                    **self.scores(r),
+                    "cost (s)": r.get("cost_seconds", 0.0),
+                    "level": r["level"],
+                    "speciality": r["speciality"],
+                    "versatility": r.get("versatility", float("nan")),
+                }
+            )
+        return pd.DataFrame(rows, columns=["key", *TABLE_COLUMNS]).set_index("key")
+
+    def candidates(self) -> list[dict]:
+        return [r for r in self.records if r["kind"] == "cofitune"]
+
+    def _rank_key(self, record: Mapping[str, Any]) -> tuple:
+        uni = self.scores(record)["Uni."]
+        width = record["window"][1] - record["window"][0]
+        # Undefined Uni. (full fine-tuning gained nothing) falls back to raw speciality, then versatility.
+        finite = 0 if math.isnan(uni) else 1
+        return (finite, uni if finite else 0.0, record["speciality"], record.get("versatility") or 0.0, -width)
+
+    def ranked(self, level: str | None = None) -> list[dict]:
+        """CoFiTune candidates (of `level`, or all), best first by Uni. (ties: the narrower window)."""
+        pool = [r for r in self.candidates() if level is None or r["level"] == level]
+        return sorted(pool, key=self._rank_key, reverse=True)
+
+    @property
+    def best(self) -> dict:
+        ranked = self.ranked()
+        if not ranked:
+            raise CoFiTuneError("the search has no finished CoFiTune candidate yet.")
+        return ranked[0]
+
+    @property
+    def best_config(self) -> CoFiTuneConfig:
+        """The best candidate as a `CoFiTuneConfig` (no importance: add it for the fine level)."""
+        best = self.best
+        return CoFiTuneConfig(layers=tuple(best["window"]), target_modules=best["modules"])
+
+    def with_weight(self, weight: float) -> SearchResult:
+        """The same records scored with another Spec. weight."""
+        unified_score(0.0, 0.0, weight)  # validates
+        return SearchResult(self.records, weight, self.output_dir)
+
+    def to_markdown(self, digits: int = 3) -> str:
+        """The table as GitHub markdown (own writer: `DataFrame.to_markdown` needs the optional `tabulate`)."""
+        table = self.table.reset_index()
+
+        def cell(value) -> str:
+            if isinstance(value, float):
+                return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+            return str(value).replace("|", "\\|")
+
+        header = list(table.columns)
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---:" if table[c].dtype.kind == "f" else "---" for c in header) + "|",
+        ]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best if self.candidates() else None
+        return {
+            "weight": self.weight,
+            "best": None
+            if best is None
+            else {"key": best["key"], "layers": best["window"], "modules": best["modules"]},
+            "table": json.loads(self.table.reset_index().to_json(orient="records")),
+            "records": self.records,
+        }
+
+    def save(self, path: str | None = None) -> str:
+        """Write `search.json` (table, best, records) to `path` or the output directory; returns the path."""
+        path = path or os.path.join(self._dir(), "search.json")
+        _write_json(path, self.to_dict())
+        return path
+
+    def _dir(self) -> str:
+        if self.output_dir is None:
+            raise CoFiTuneError("this SearchResult has no `output_dir`; pass a path.")
+        return self.output_dir
+
+    @classmethod
+    def load(cls, output_dir: str, weight: float | None = None) -> SearchResult:
+        """Read a finished or partial search from `output_dir` (its per-candidate JSON files)."""
+        files = sorted(glob.glob(os.path.join(output_dir, "candidates", "*.json")))
+        if not files:
+            raise CoFiTuneError(f"no search results in {output_dir!r} (expected {output_dir}/candidates/*.json).")
+        records = []
+        for f in files:
+            with open(f) as fh:
+                records.append(json.load(fh))
+        records.sort(key=lambda r: r["order"])
+        if weight is None:
+            settings_path = os.path.join(output_dir, "settings.json")
+            weight = 0.5
+            if os.path.isfile(settings_path):
+                with open(settings_path) as fh:
+                    weight = json.load(fh).get("weight", 0.5)
+        return cls(records, weight, output_dir)
+
+    def plot(self, path: str) -> str:
+        """Spec. (x) vs Vers. (y) of every candidate, with Uni. contours and the search tree's edges, as a PNG."""
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        points = {r["key"]: (self.scores(r)["Spec."], self.scores(r)["Vers."]) for r in self.records}
+        finite = {k: p for k, p in points.items() if not (math.isnan(p[0]) or math.isnan(p[1]))}
+        fig = Figure(figsize=(7.5, 6))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        xs = [p[0] for p in finite.values()] or [0.0, 1.0]
+        ys = [p[1] for p in finite.values()] or [0.0, 1.0]
+        x0, x1 = min(*xs, 0.0) - 0.1, max(*xs, 1.0) + 0.1
+        y0, y1 = min(ys) - 0.05, max(*ys, 1.0) + 0.05
+        gx, gy = np.meshgrid(np.linspace(x0, x1, 100), np.linspace(y0, y1, 100))
+        contours = ax.contour(
+            gx, gy, self.weight * gx + (1 - self.weight) * gy, levels=8, colors="0.8", linewidths=0.8
+        )
+        ax.clabel(contours, fmt="Uni. %.2f", fontsize=7)
+        for r in self.records:
+            parent = r.get("parent")
+            if parent in finite and r["key"] in finite:
+                ax.annotate(
+                    "", xy=finite[r["key"]], xytext=finite[parent], arrowprops={"arrowstyle": "->", "color": "0.6"}
+                )
+        markers = {"window": ("o", "tab:blue"), "module": ("s", "tab:orange"), "refine": ("D", "tab:green")}
+        best_key = self.best["key"] if self.candidates() else None
+        for r in self.records:
+            if r["key"] not in finite:
+                continue
+            x, y = finite[r["key"]]
+            if r["kind"] == "cofitune":
+                marker, color = markers.get(r["level"], ("o", "tab:gray"))
+                label = f"{r['window'][0]}-{r['window'][1]} {r['modules']}"
+            else:
+                marker, color, label = ("^", "black", "full FT") if r["kind"] == "full" else ("P", "tab:red", "base")
+            ax.scatter([x], [y], marker=marker, color=color, s=36, zorder=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if r["key"] == best_key:
+                ax.scatter([x], [y], marker="*", s=260, facecolors="none", edgecolors="gold", linewidths=1.5, zorder=4)
+        for level, (marker, color) in markers.items():
+            ax.scatter([], [], marker=marker, color=color, label=f"level: {level}")
+        ax.legend(loc="lower left", fontsize=8)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_xlabel("Spec. (speciality gain / full fine-tuning's gain)")
+        ax.set_ylabel("Vers. (versatility / base model's)")
+        ax.set_title(f"CoFiTune coarse search (Uni. = {self.weight:g} Spec. + {1 - self.weight:g} Vers.)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return path
+
+
+def _write_json(path: str, payload: Any) -> None:
+    """Write `payload` as JSON atomically: a crash leaves either the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
