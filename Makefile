@@ -3,9 +3,11 @@
 setup:
 	bash scripts/setup.sh
 
-# The main job: a real fine-tune of the embedded SmolLM2-135M-Instruct with CoFiTune.
+# The main job: base / full FT / LoRA / CoFiTune (coarse, update mask, gradient mask) on the embedded
+# SmolLM2-135M-Instruct, same budget each; a Spec./Vers./Uni. table, results.json, results.png, the adapter.
+# `make demo DEMO_ARGS=--quick` for the 5-minute version.
 demo: setup
-	. .venv/bin/activate && python examples/quickstart.py
+	. .venv/bin/activate && cofitune demo --output-dir outputs/demo $(DEMO_ARGS)
 
 # The whole test suite, slow real-model tests included.
 test: setup

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from .errors import CoFiTuneError
@@ -53,8 +54,8 @@ class CoFiTuneCallback(TrainerCallback):
         batch_size (`int`, *optional*, defaults to `8`): batch size of the estimate.
         max_length (`int`, *optional*, defaults to `256`): truncation length of the estimate.
         estimate_kwargs (`dict`, *optional*): further keyword arguments for `estimate_importance`.
-        log_mask_statistics (`bool`, *optional*, defaults to `True`): add `cofitune/mask_mean_scale` and
-            `cofitune/mask_frac_below_0.1` to the trainer's logs.
+        log_mask_statistics (`bool`, *optional*, defaults to `True`): add `cofitune/mean_scale` and
+            `cofitune/frac_below_0.1` to the trainer's logs.
 
     Example:
 
@@ -160,7 +161,7 @@ class CoFiTuneCallback(TrainerCallback):
         from .estimation import estimate_importance
 
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if tokenizer is None and not hasattr(self.importance_dataset, "__iter__"):
+        if tokenizer is None and not isinstance(self.importance_dataset, torch.utils.data.DataLoader):
             raise CoFiTuneError("CoFiTuneCallback needs the trainer's `processing_class` (a tokenizer) to estimate.")
         logger.info("CoFiTuneCallback: estimating importance on %d samples", self.num_samples)
         kwargs = {

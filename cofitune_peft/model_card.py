@@ -29,7 +29,8 @@ def _section(peft_model) -> str:
         a, b = cfg.layers
         lines.append(f'- Adapter `{name}`: decoder layers {a}..{b - 1} (the paper\'s "({a}, {b}]")')
         lines.append(f"  - Trained modules: `{cfg.target_modules}`")
-        lines.append(f"  - Soft mask: `{cfg.softmask_mode}` mode; importance from {cfg.importance_source or 'none'}")
+        source = cfg.to_dict().get("importance_source") or "none"
+        lines.append(f"  - Soft mask: `{cfg.softmask_mode}` mode; importance from {source}")
         if hasattr(tuner, "mask_statistics"):
             stats = tuner.mask_statistics(name)
             lines.append(

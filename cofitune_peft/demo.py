@@ -1,0 +1,289 @@
+"""`cofitune demo`: the end-to-end experiment on the embedded SmolLM2-135M-Instruct, offline.
+
+Speciality: two-operand arithmetic (`data.arithmetic_task`; the base model solves few). Versatility: country-capital
+probes (short answer and multiple choice) and the label-free drift measures on general prose (cross-entropy increase
+and KL to the base model), combined by `VersatilityEval`. Every method gets the same data, steps, batch and seed
+(`training.train_sft`), each at its own learning rate:
+
+- base (no training), full fine-tuning, LoRA r16 on all linear modules,
+- CoFiTune coarse only (default window, FFN, no mask),
+- CoFiTune with the soft mask in `update` mode (this package's default) and in the paper's `gradient` mode.
+
+It prints a Spec./Vers./Uni. table, writes `results.json` and `results.png`, and saves the CoFiTune adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from .errors import CoFiTuneError
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("base", "full_ft", "lora_r16", "cofitune_coarse", "cofitune_update", "cofitune_gradient")
+LABELS = {
+    "base": "base (no training)",
+    "full_ft": "full fine-tuning",
+    "lora_r16": "LoRA r16, all linear",
+    "cofitune_coarse": "CoFiTune coarse (FFN 7..14, no mask)",
+    "cofitune_update": "CoFiTune + soft mask (update)",
+    "cofitune_gradient": "CoFiTune + soft mask (gradient, paper)",
+}
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and budgets of one demo run; `QUICK` and `DEFAULT` are the two presets."""
+
+    steps: int = 80
+    batch_size: int = 8
+    n_test: int = 100
+    n_probes: int = 40
+    n_general: int = 24
+    importance_samples: int = 128
+    max_new_tokens: int = 24
+    seed: int = 0
+    # One learning rate per method, not tuned on the test set: the Trainer's default for full fine-tuning, the
+    # common 2e-4 for LoRA, and the same for CoFiTune's full-rank FFN deltas (docs/results.md discusses this).
+    learning_rates: dict[str, float] = field(
+        default_factory=lambda: {
+            "full_ft": 5e-5,
+            "lora_r16": 2e-4,
+            "cofitune_coarse": 2e-4,
+            "cofitune_update": 2e-4,
+            "cofitune_gradient": 2e-4,
+        }
+    )
+
+
+# Sized for 2 CPU cores: --quick under 5 minutes, the default under 30 (full fine-tuning's step is ~4x the others').
+QUICK = DemoSettings(steps=8, n_test=16, n_probes=12, n_general=6, importance_samples=16, max_new_tokens=16)
+DEFAULT = DemoSettings()
+
+
+def _rows(dataset) -> list[dict]:
+    return [dict(row) for row in dataset]
+
+
+def _fresh_model(method: str, importance, settings: DemoSettings):
+    from peft import LoraConfig, get_peft_model
+
+    from .config import CoFiTuneConfig
+    from .models import load_smollm2
+
+    model, _ = load_smollm2()
+    if method in ("base", "full_ft"):
+        return model
+    if method == "lora_r16":
+        return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    if method == "cofitune_coarse":
+        return get_peft_model(model, CoFiTuneConfig())
+    mode = "update" if method == "cofitune_update" else "gradient"
+    return get_peft_model(model, CoFiTuneConfig(importance=importance, softmask_mode=mode))
+
+
+def run_demo(
+    settings: DemoSettings, output_dir: str, methods: tuple[str, ...] = METHODS, progress: bool = True
+) -> dict:
+    """Run the experiment and return its results (also written to `output_dir`)."""
+    from tqdm.auto import tqdm
+
+    from .data import arithmetic_task, capital_probes, extract_number, general_texts
+    from .estimation import estimate_importance
+    from .evaluation import SpecialityEval, VersatilityEval, speciality_score, unified_score
+    from .models import load_smollm2
+    from .training import train_sft
+
+    if "base" not in methods or "full_ft" not in methods:
+        raise CoFiTuneError(f"`methods` must include 'base' and 'full_ft' (Spec. is relative to them), got {methods}.")
+    os.makedirs(output_dir, exist_ok=True)
+    started = time.perf_counter()
+    base, tokenizer = load_smollm2()
+    train, test = arithmetic_task(n_train=max(2000, settings.steps * settings.batch_size), n_test=settings.n_test)
+    probes = _rows(capital_probes(settings.n_probes, kind="short")) + _rows(
+        capital_probes(settings.n_probes, kind="mc")
+    )
+    general = general_texts(n=settings.n_general, split="eval")["text"]
+    speciality = SpecialityEval.exact_match(
+        _rows(test),
+        answer_extractor=extract_number,
+        numeric=True,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=16,
+        tokenizer=tokenizer,
+        progress=progress,
+        name="arithmetic",
+    )
+    versatility = VersatilityEval.default(
+        general, probes=probes, base_model=base, tokenizer=tokenizer, progress=progress
+    )
+
+    importance = None
+    if any(m.startswith("cofitune_") and m != "cofitune_coarse" for m in methods):
+        t0 = time.perf_counter()
+        importance = estimate_importance(
+            base,
+            general_texts(n=settings.importance_samples, split="importance"),
+            tokenizer=tokenizer,
+            num_samples=settings.importance_samples,
+            max_length=256,
+            progress=progress,
+        )
+        importance.metadata["seconds"] = f"{time.perf_counter() - t0:.1f}"
+        importance.save(os.path.join(output_dir, "importance.safetensors"))
+        importance.plot(os.path.join(output_dir, "importance.png"), title="SmolLM2-135M-Instruct importance")
+    del base
+
+    results: dict[str, dict] = {}
+    for method in tqdm(methods, desc="methods", disable=not progress):
+        model = _fresh_model(method, importance, settings)
+        record: dict = {"method": method, "label": LABELS[method]}
+        if method != "base":
+            lr = settings.learning_rates[method]
+            stats = train_sft(
+                model,
+                train,
+                tokenizer=tokenizer,
+                steps=settings.steps,
+                learning_rate=lr,
+                batch_size=settings.batch_size,
+                max_length=128,
+                seed=settings.seed,
+                progress=progress,
+            )
+            record.update(
+                learning_rate=lr,
+                train_seconds=stats["seconds"],
+                final_loss=stats["final_loss"],
+                trainable_parameters=stats["trainable_parameters"],
+            )
+        model.eval()
+        spec = speciality.evaluate(model, tokenizer)
+        vers = versatility.evaluate(model, tokenizer)
+        record.update(speciality=spec["score"], versatility=vers["score"], versatility_parts=_parts(vers))
+        if method == "cofitune_update":
+            model.save_pretrained(os.path.join(output_dir, "cofitune_adapter"))
+            record["adapter"] = os.path.join(output_dir, "cofitune_adapter")
+        results[method] = record
+        logger.info("%s: speciality %.3f, versatility %.3f", method, spec["score"], vers["score"])
+        del model
+
+    base_spec, full_spec = results["base"]["speciality"], results["full_ft"]["speciality"]
+    for record in results.values():
+        try:
+            record["Spec."] = speciality_score(record["speciality"], base_spec, full_spec)
+        except CoFiTuneError:
+            record["Spec."] = float("nan")
+        record["Vers."] = record["versatility"]
+        record["Uni."] = unified_score(record["Spec."], record["Vers."])
+    summary = {
+        "settings": asdict(settings),
+        "results": results,
+        "seconds": time.perf_counter() - started,
+        "torch_threads": torch.get_num_threads(),
+    }
+    summary["table"] = to_markdown(results)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    plot(results, os.path.join(output_dir, "results.png"))
+    return summary
+
+
+def _parts(vers: dict) -> dict:
+    return {k: v for k, v in vers.items() if isinstance(v, (int, float)) and k != "score"}
+
+
+def to_markdown(results: dict[str, dict]) -> str:
+    header = ["method", "arithmetic acc.", "Spec.", "Vers.", "Uni.", "CE increase", "KL to base", "probes (gen/MC)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results.values():
+        parts = r.get("versatility_parts", {})
+        probes = f"{parts.get('probes_gen_accuracy', float('nan')):.2f} / {parts.get('probes_mc_accuracy', float('nan')):.2f}"
+        cells = [
+            r["label"],
+            f"{r['speciality']:.3f}",
+            f"{r['Spec.']:.3f}",
+            f"{r['Vers.']:.3f}",
+            f"{r['Uni.']:.3f}",
+            f"{parts.get('ce_increase', float('nan')):.4f}",
+            f"{parts.get('kl', float('nan')):.4f}",
+            probes,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results.values():
+        ax1.scatter(r["Vers."], r["Spec."], s=60)
+        ax1.annotate(r["label"], (r["Vers."], r["Spec."]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax1.set_xlabel("Vers. (versatility relative to base)")
+    ax1.set_ylabel("Spec. (gain relative to full fine-tuning)")
+    ax1.set_title("Speciality vs versatility")
+    ax1.grid(alpha=0.3)
+    names = [r["label"] for r in results.values()]
+    ax2.barh(names, [r["Uni."] for r in results.values()], color="tab:green")
+    ax2.set_xlabel("Uni. = (Spec. + Vers.) / 2")
+    ax2.invert_yaxis()
+    ax2.set_title("Unified score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the small preset (under 5 minutes on 2 CPU cores)")
+    parser.add_argument("--output-dir", default="outputs/demo", help="where results and the adapter go")
+    parser.add_argument("--steps", type=int, help="override the preset's optimizer steps")
+    parser.add_argument(
+        "--learning-rate",
+        nargs=2,
+        action="append",
+        metavar=("METHOD", "LR"),
+        help="override one method's learning rate, e.g. --learning-rate cofitune_update 1e-4 (repeatable)",
+    )
+    parser.add_argument("--methods", nargs="*", choices=METHODS, help="a subset of the methods (base, full_ft needed)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    settings = QUICK if args.quick else DEFAULT
+    if args.steps is not None:
+        if args.steps < 1:
+            raise CoFiTuneError(f"`--steps` must be >= 1, got {args.steps}.")
+        settings = replace(settings, steps=args.steps)
+    if args.learning_rate:
+        rates = dict(settings.learning_rates)
+        for method, value in args.learning_rate:
+            if method not in rates:
+                raise CoFiTuneError(f"`--learning-rate` method must be one of {sorted(rates)}, got {method!r}.")
+            try:
+                rates[method] = float(value)
+            except ValueError:
+                raise CoFiTuneError(f"`--learning-rate {method}` must be a number, got {value!r}.") from None
+        settings = replace(settings, learning_rates=rates)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = tuple(args.methods) if args.methods else METHODS
+    summary = run_demo(settings, args.output_dir, methods=methods, progress=not args.no_progress)
+    print(summary["table"])
+    print(f"\nresults: {args.output_dir}/results.json, {args.output_dir}/results.png")
+    print(f"CoFiTune adapter: {args.output_dir}/cofitune_adapter  ({summary['seconds'] / 60:.1f} min)")
+    return 0
