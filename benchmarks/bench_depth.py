@@ -1,0 +1,317 @@
+"""Training step time vs the depth of CoFiTune's window: nothing below the window enters the backward pass.
+
+SmolLM2-135M-Instruct (30 layers, fp32, CPU), plain PyTorch loop (AdamW, batch 4 x 256 tokens of real prose from
+`cofitune_peft.data.general_texts(split="eval")`), CoFiTune windows of the same width (4 layers, FFN up/down, no mask)
+placed at different depths, with LoRA r16 (all linear) and full fine-tuning as references. A window (a, b) trains the
+same number of weights wherever it sits, but the backward pass runs from the loss down to layer a only, so the step
+gets cheaper as the window moves up. After the timed steps, one more forward pass counts the decoder layers whose
+output requires grad (the layers that enter the backward pass): 30 - a for a window, 30 for LoRA and full fine-tuning.
+
+`--checkpointing on` (or `both`) repeats every configuration with non-reentrant gradient checkpointing turned on the
+way Trainer/TRL do it (`activation_checkpointing_enable` plus `enable_input_require_grads`, which on its own would drag
+every layer into the backward pass; CoFiTune removes that hook), to show that the truncation still holds.
+`--contrast` adds the top window under checkpointing with `fix_input_grads=False`, i.e. without that repair.
+
+Each configuration runs in its own child process (so that each one's peak RSS is its own). Writes the JSON to `--out`
+and a plot of step time vs window start next to it (same name, `.png`).
+
+    python benchmarks/bench_depth.py [--steps 5] [--threads 2] [--checkpointing off|on|both] [--contrast]
+                                     [--out benchmarks/results/depth.json]
+
+Estimate, not a measurement: the default run (7 configurations, 7 steps each, no checkpointing) takes about 4-5
+minutes on 2 idle CPU cores; `--checkpointing both` about twice that. Run it alone: two torch processes on two cores
+slow each other down many times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_WINDOWS = ["0:4", "6:10", "12:16", "18:22", "26:30"]
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def batch_of_text(tokenizer, batch: int, length: int):
+    """`batch` rows of general prose, each at least `length` tokens long, truncated to exactly `length`."""
+    from cofitune_peft.data import general_texts
+
+    rows = general_texts(split="eval", source="all", max_chars=max(2000, 8 * length), min_chars=min(1200, 5 * length))
+    texts = [t for t in rows["text"] if len(tokenizer(t)["input_ids"]) >= length][:batch]
+    if len(texts) < batch:
+        raise SystemExit(f"only {len(texts)} general-text rows have >= {length} tokens; need {batch}")
+    ids = tokenizer(texts, truncation=True, max_length=length, return_tensors="pt")["input_ids"]
+    assert tuple(ids.shape) == (batch, length), ids.shape
+    return ids
+
+
+def decoder_layers(model):
+    import torch
+
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) == n:
+            return module
+    raise RuntimeError("no decoder-layer ModuleList found")
+
+
+def layers_in_backward(model, input_ids) -> int:
+    """How many decoder layers produce an output that requires grad (one training-mode forward, no backward)."""
+    import torch
+
+    flags = []
+
+    def hook(_module, _args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        flags.append(bool(out.requires_grad))
+
+    handles = [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
+    try:
+        model.train()
+        with torch.enable_grad():
+            model(input_ids=input_ids, labels=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(flags)
+
+
+def enable_checkpointing(model, trainable) -> None:
+    """Non-reentrant gradient checkpointing plus the input-require-grads hook, as Trainer/TRL set them up."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    trainable.enable_input_require_grads()
+
+
+def child(name: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from peft import LoraConfig, get_peft_model
+
+    import cofitune_peft  # noqa: F401
+    from cofitune_peft import CoFiTuneConfig
+    from cofitune_peft.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    loaded_mb = rss_mb()
+    base, _, variant = name.partition("+")
+    ckpt = variant in ("ckpt", "ckpt_nofix")
+    window = None
+    if base == "full_ft":
+        trainable = model
+    elif base == "lora_r16":
+        trainable = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    else:
+        _, a, b = base.split("_")
+        window = (int(a), int(b))
+        config = CoFiTuneConfig(layers=window, fix_input_grads=variant != "ckpt_nofix")
+        trainable = get_peft_model(model, config)
+    if ckpt:
+        enable_checkpointing(model, trainable)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    x = batch_of_text(tokenizer, args.batch, args.length)
+    trainable.train()
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = trainable(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    timed = times[args.warmup :]
+    return {
+        "name": name,
+        "window": list(window) if window else None,
+        "checkpointing": ckpt,
+        "fix_input_grads": variant != "ckpt_nofix",
+        "trainable_params": sum(p.numel() for p in params),
+        "step_s_median": statistics.median(timed),
+        "step_s_all": times,
+        "warmup_steps": args.warmup,
+        "layers_in_backward": layers_in_backward(trainable, x),
+        "num_layers": model.config.num_hidden_layers,
+        "peak_rss_mb": rss_mb(),
+        "rss_after_load_mb": loaded_mb,
+        "threads": args.threads,
+    }
+
+
+def describe(name: str) -> str:
+    base, _, variant = name.partition("+")
+    if base == "full_ft":
+        text = "full fine-tuning"
+    elif base == "lora_r16":
+        text = "LoRA r16, all linear"
+    else:
+        _, a, b = base.split("_")
+        text = f"CoFiTune window ({a}, {b})"
+    return text + {"": "", "ckpt": " + ckpt", "ckpt_nofix": " + ckpt, fix_input_grads=False"}[variant]
+
+
+def plot(results: dict, path: str, num_layers: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, color, label in (("", "tab:blue", "no checkpointing"), ("ckpt", "tab:orange", "checkpointing")):
+        points = sorted(
+            (r["window"][0], r["step_s_median"])
+            for n, r in results.items()
+            if r["window"] and n.partition("+")[2] == variant
+        )
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, "o-", color=color, label=f"CoFiTune window ({label})")
+        for ref, style in (("full_ft", "--"), ("lora_r16", ":")):
+            key = ref + ("+" + variant if variant else "")
+            if key in results:
+                ax.axhline(results[key]["step_s_median"], color=color, linestyle=style, label=describe(key))
+    for n, r in results.items():
+        if n.endswith("+ckpt_nofix"):
+            ax.plot([r["window"][0]], [r["step_s_median"]], "x", color="tab:red", markersize=9, label=describe(n))
+    ax.set_xlabel(f"window start a (window (a, b) trains layers a..b-1; {num_layers} - a layers in the backward pass)")
+    ax.set_ylabel("step time, median (s)")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--windows", nargs="*", default=DEFAULT_WINDOWS, help="CoFiTune windows a:b (layers a..b-1)")
+    parser.add_argument("--references", nargs="*", default=["lora_r16", "full_ft"], choices=["lora_r16", "full_ft"])
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
+    parser.add_argument(
+        "--contrast", action="store_true", help="add the top window under checkpointing with fix_input_grads=False"
+    )
+    parser.add_argument("--out", default="benchmarks/results/depth.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return
+
+    windows = []
+    for w in args.windows:
+        a, b = (int(v) for v in w.split(":"))
+        if not 0 <= a < b:
+            parser.error(f"bad window {w!r}: need a:b with 0 <= a < b")
+        windows.append((a, b))
+    bases = [f"window_{a}_{b}" for a, b in windows] + list(args.references)
+    variants = {"off": [""], "on": ["ckpt"], "both": ["", "ckpt"]}[args.checkpointing]
+    names = [base + ("+" + v if v else "") for v in variants for base in bases]
+    if args.contrast and windows:
+        a, b = max(windows)
+        names.append(f"window_{a}_{b}+ckpt_nofix")
+
+    from tqdm import tqdm
+
+    results = {}
+    for name in tqdm(names, desc="configurations"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--steps", str(args.steps)]
+        cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+        cmd += ["--batch", str(args.batch), "--length", str(args.length)]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "TQDM_DISABLE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"configuration {name} failed (exit {proc.returncode})")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def ratio(a, ref):
+        """`a`'s step time over the reference's with the same checkpointing setting."""
+        variant = a.partition("+")[2].replace("_nofix", "")
+        key = ref + ("+" + variant if variant else "")
+        if key not in results:
+            return float("nan")
+        return results[a]["step_s_median"] / results[key]["step_s_median"]
+
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            {
+                "configuration": describe(name),
+                "trainable M": r["trainable_params"] / 1e6,
+                "layers in bwd": f"{r['layers_in_backward']}/{r['num_layers']}",
+                "step s (median)": r["step_s_median"],
+                "step / full": ratio(name, "full_ft"),
+                "step / LoRA": ratio(name, "lora_r16"),
+                "peak RSS MB": r["peak_rss_mb"],
+            }
+        )
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(
+        f"SmolLM2-135M-Instruct fp32, AdamW, batch {args.batch}x{args.length}, {args.threads} threads, median of "
+        f"{args.steps} steps after {args.warmup} warm-up; ratios against the reference with the same checkpointing"
+    )
+    print(table)
+    num_layers = next(iter(results.values()))["num_layers"]
+    truncation_holds = all(
+        r["layers_in_backward"] == num_layers - r["window"][0]
+        for r in results.values()
+        if r["window"] and r["fix_input_grads"]
+    )
+    print(f"every window's backward pass stops at its lowest layer: {truncation_holds}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    png = os.path.splitext(args.out)[0] + ".png"
+    widths = sorted({b - a for a, b in windows})
+    title = (
+        f"SmolLM2-135M, AdamW, batch {args.batch}x{args.length}, {args.threads} threads: step time vs window depth "
+        f"(width {'/'.join(map(str, widths))})"
+    )
+    plot(results, png, num_layers, title)
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "args": vars(args),
+                "results": results,
+                "truncation_holds": truncation_holds,
+                "table": table,
+                "plot": os.path.basename(png),
+            },
+            f,
+            indent=2,
+        )
+    print(f"wrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Training step time and peak memory inside TRL's `SFTTrainer`: CoFiTune vs LoRA r16 (all linear) vs full fine-tuning.
+
+SmolLM2-135M-Instruct (fp32, CPU), `SFTConfig(use_cpu=True, bf16=False, per_device_train_batch_size=4,
+max_length=256)` and otherwise TRL's defaults: gradient checkpointing on (TRL's default; with transformers 5 it is
+non-reentrant, and the table reports what each run actually used), fused AdamW, linear schedule. The data are real
+prose rows of `cofitune_peft.data.general_texts(split="eval")` that are all at least 256 tokens long, so TRL truncates
+every row to 256 tokens and every batch is 4 x 256 (checked in each run).
+
+Each configuration runs in its own child process (so that each one's peak RSS is its own). A `TrainerCallback` times
+every optimizer step from `on_step_begin` to `on_step_end` (forward, backward, clipping, optimizer and scheduler; not
+the data loading); the first `--warmup` steps are dropped and the median of the others is reported. After training,
+one more forward pass counts the decoder layers whose output requires grad, i.e. the layers that enter the backward
+pass (CoFiTune's window and the layers above it; all 30 for LoRA and full fine-tuning).
+
+    python benchmarks/bench_trainer.py [--steps 8] [--warmup 2] [--threads 2] [--out benchmarks/results/trainer.json]
+
+Estimate, not a measurement: the default run (5 configurations, 10 steps each) takes about 5-8 minutes on 2 idle CPU
+cores. Run it alone: two torch processes on two cores slow each other down many times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIGS = {
+    "full_ft": "full fine-tuning",
+    "lora_r16": "LoRA r16, all linear",
+    "cofitune_coarse": "CoFiTune, default window, no mask",
+    "cofitune_mask": "CoFiTune, default window, mask (update)",
+    "cofitune_mask_gradient": "CoFiTune, default window, mask (gradient)",
+}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def long_texts(tokenizer, length: int, min_rows: int) -> list[str]:
+    """Rows of general prose (eval split) that are at least `length` tokens long, so truncation makes them exactly
+    `length`."""
+    from cofitune_peft.data import general_texts
+
+    rows = general_texts(split="eval", source="all", max_chars=max(2000, 8 * length), min_chars=min(1200, 5 * length))
+    texts = [t for t in rows["text"] if len(tokenizer(t)["input_ids"]) >= length]
+    if len(texts) < min_rows:
+        raise SystemExit(f"only {len(texts)} general-text rows have >= {length} tokens; need {min_rows}")
+    return texts
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder layers inside `model` (a PeftModel or a plain transformers model)."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) == n:
+            return module
+    raise RuntimeError("no decoder-layer ModuleList found")
+
+
+def layers_in_backward(model, input_ids) -> int:
+    """How many decoder layers produce an output that requires grad (one training-mode forward, no backward)."""
+    import torch
+
+    flags = []
+
+    def hook(_module, _args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        flags.append(bool(out.requires_grad))
+
+    handles = [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
+    try:
+        model.train()
+        with torch.enable_grad():
+            model(input_ids=input_ids, labels=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(flags)
+
+
+def checkpointing_of(model) -> dict:
+    """Whether the decoder layers are checkpointed, and with which `torch.utils.checkpoint` keyword arguments."""
+    layer = decoder_layers(model)[0]
+    enabled = bool(getattr(layer, "gradient_checkpointing", False))
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    kwargs = dict(getattr(func, "keywords", {}) or {}) if enabled else {}
+    return {"enabled": enabled, "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, str))}}
+
+
+def make_importance(cfg, path: str | None):
+    import torch
+
+    from cofitune_peft import Importance
+
+    if path:
+        return Importance.load(path)
+    n = cfg.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    return Importance(
+        heads=torch.rand(n, cfg.num_attention_heads, generator=g),
+        intermediate=torch.rand(n, cfg.intermediate_size, generator=g),
+        output=torch.rand(n, cfg.hidden_size, generator=g),
+    )
+
+
+def child(name: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    import cofitune_peft  # noqa: F401
+    from cofitune_peft import CoFiTuneConfig
+    from cofitune_peft.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    loaded_mb = rss_mb()
+    total_steps = args.steps + args.warmup
+    texts = long_texts(tokenizer, args.length, args.batch)
+    dataset = Dataset.from_dict({"text": texts})
+
+    if name == "full_ft":
+        peft_config = None
+    elif name == "lora_r16":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    elif name == "cofitune_coarse":
+        peft_config = CoFiTuneConfig()
+    else:
+        mode = "gradient" if name == "cofitune_mask_gradient" else "update"
+        peft_config = CoFiTuneConfig(importance=make_importance(model.config, args.importance), softmask_mode=mode)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_step_begin(self, targs, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory(prefix="bench_trainer-") as out_dir:
+        config = SFTConfig(
+            output_dir=out_dir,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            max_steps=total_steps,
+            per_device_train_batch_size=args.batch,
+            max_length=args.length,
+            seed=0,
+            data_seed=0,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[timer],
+        )
+        lengths = sorted({len(ids) for ids in trainer.train_dataset["input_ids"]})
+        if lengths != [args.length]:
+            raise SystemExit(f"expected every row truncated to {args.length} tokens, got lengths {lengths}")
+        init_mb = rss_mb()
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        trainer.train()
+        peak_mb = rss_mb()
+        probe = tokenizer(texts[: args.batch], truncation=True, max_length=args.length, return_tensors="pt")
+        in_backward = layers_in_backward(trainer.model, probe["input_ids"])
+        ckpt = checkpointing_of(trainer.model)
+        optim = str(getattr(config.optim, "value", config.optim))
+    if len(timer.times) != total_steps:
+        raise SystemExit(f"timed {len(timer.times)} steps, expected {total_steps}")
+    times = timer.times[args.warmup :]
+    return {
+        "name": name,
+        "trainable_params": trainable,
+        "step_s_median": statistics.median(times),
+        "step_s_all": timer.times,
+        "warmup_steps": args.warmup,
+        "peak_rss_mb": peak_mb,
+        "rss_after_load_mb": loaded_mb,
+        "rss_after_trainer_init_mb": init_mb,
+        "layers_in_backward": in_backward,
+        "num_layers": model.config.num_hidden_layers,
+        "gradient_checkpointing": ckpt,
+        "sft_config_gradient_checkpointing": bool(
+            getattr(config, "activation_checkpointing", getattr(config, "gradient_checkpointing", False))
+        ),
+        "optim": optim,
+        "threads": args.threads,
+        "batch": [args.batch, args.length],
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (dropped from the median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--importance", default=None, help="an importance file (default: random, as bench_step.py)")
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--out", default="benchmarks/results/trainer.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return
+
+    from tqdm import tqdm
+
+    results = {}
+    for name in tqdm(args.configs, desc="configurations"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--steps", str(args.steps)]
+        cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+        cmd += ["--batch", str(args.batch), "--length", str(args.length)]
+        if args.importance:
+            cmd += ["--importance", args.importance]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "TQDM_DISABLE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"configuration {name} failed (exit {proc.returncode})")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def ratio(a, b, key="step_s_median"):
+        return results[a][key] / results[b][key] if a in results and b in results else float("nan")
+
+    rows = []
+    for name, r in results.items():
+        ckpt = r["gradient_checkpointing"]
+        reentrant = ckpt["kwargs"].get("use_reentrant", "default")
+        rows.append(
+            {
+                "configuration": CONFIGS[name],
+                "trainable M": r["trainable_params"] / 1e6,
+                "step s (median)": r["step_s_median"],
+                "step / LoRA": ratio(name, "lora_r16"),
+                "step / full": ratio(name, "full_ft"),
+                "peak RSS MB": r["peak_rss_mb"],
+                "peak - load MB": r["peak_rss_mb"] - r["rss_after_load_mb"],
+                "layers in bwd": f"{r['layers_in_backward']}/{r['num_layers']}",
+                "checkpointing": f"on (use_reentrant={reentrant})" if ckpt["enabled"] else "off",
+            }
+        )
+    table = markdown(rows)
+    first = next(iter(results.values()))
+    print(
+        f"SmolLM2-135M-Instruct fp32, TRL SFTTrainer, batch {args.batch}x{args.length}, {args.threads} threads, "
+        f"optim {first['optim']}, median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    print(table)
+    summary = {
+        "mask_overhead_pct": 100 * (ratio("cofitune_mask", "cofitune_coarse") - 1),
+        "mask_gradient_overhead_pct": 100 * (ratio("cofitune_mask_gradient", "cofitune_coarse") - 1),
+        "cofitune_mask_step_vs_lora": ratio("cofitune_mask", "lora_r16"),
+        "cofitune_mask_step_vs_full": ratio("cofitune_mask", "full_ft"),
+        "cofitune_coarse_step_vs_lora": ratio("cofitune_coarse", "lora_r16"),
+        "cofitune_mask_peak_vs_lora": ratio("cofitune_mask", "lora_r16", "peak_rss_mb"),
+        "gradient_checkpointing": {name: r["gradient_checkpointing"] for name, r in results.items()},
+    }
+    print(f"mask overhead (mask update vs coarse step time): {summary['mask_overhead_pct']:+.1f}%")
+    print(f"mask overhead (mask gradient vs coarse step time): {summary['mask_gradient_overhead_pct']:+.1f}%")
+    print(json.dumps({k: v for k, v in summary.items() if k != "gradient_checkpointing"}, indent=2))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "results": results, "summary": summary, "table": table}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
