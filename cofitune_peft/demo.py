@@ -42,12 +42,12 @@ LABELS = {
 class DemoSettings:
     """Sizes and budgets of one demo run; `QUICK` and `DEFAULT` are the two presets."""
 
-    steps: int = 80
+    steps: int = 60
     batch_size: int = 8
     n_test: int = 100
     n_probes: int = 40
     n_general: int = 24
-    importance_samples: int = 128
+    importance_samples: int = 64
     max_new_tokens: int = 24
     seed: int = 0
     # One learning rate per method, not tuned on the test set: the Trainer's default for full fine-tuning, the
