@@ -118,3 +118,35 @@ def test_sft_trainer_drop_in(tmp_path):
     assert {int(n.split("layers.")[1].split(".")[0]) for n in changed} == {3, 4}
     assert not getattr(pm.get_base_model(), "_require_grads_hooks", None)
     assert any(isinstance(m, CoFiTuneLayer) for m in pm.modules())
+
+
+@pytest.mark.parametrize("reentrant", [None, False, True], ids=["no-ckpt", "non-reentrant", "reentrant"])
+@pytest.mark.parametrize("mode", ["update", "gradient"])
+def test_bf16_base_with_checkpointing_keeps_truncation_and_mask(reentrant, mode):
+    """A bf16 base, with or without checkpointing: the backward stops at the window and protected rows never move."""
+    from cofitune_peft import Importance
+
+    intermediate = torch.zeros(8, 48)
+    intermediate[3, :10] = 1.0  # units 0..9 of layer 3: fully protected, so their up_proj rows must stay put
+    importance = Importance(intermediate=intermediate, output=torch.zeros(8, 32), normalized=True)
+    pm = get_peft_model(
+        tiny_model().to(torch.bfloat16), CoFiTuneConfig(layers=(3, 5), importance=importance, softmask_mode=mode)
+    )
+    if reentrant is not None:
+        pm.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        pm.enable_input_require_grads()
+    optimizer = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1.0)
+    pm.train()
+    for step in range(2):
+        flags = layer_outputs_require_grad(pm, batch(seed=step))
+        assert flags == [False] * 3 + [True] * 5
+        optimizer.step()
+        optimizer.zero_grad()
+    up = pm.base_model.model.model.layers[3].mlp.up_proj
+    # PEFT's `autocast_adapter_dtype` keeps trainable adapter weights in fp32 on a bf16 base, as for LoRA
+    assert up.cofitune_delta["default"].weight.dtype == torch.float32
+    assert up.get_base_layer().weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        moved = up.get_delta_weight("default").float().abs().sum(dim=1)  # [intermediate]
+    assert torch.all(moved[:10] == 0), moved[:10]
+    assert torch.all(moved[10:] > 0)
