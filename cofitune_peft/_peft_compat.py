@@ -21,6 +21,8 @@ import peft
 from packaging.version import Version
 from peft.utils import PeftType, register_peft_method
 
+from ._files import FILE_MODE
+
 PEFT_TYPE_NAME = "COFITUNE"
 PREFIX = "cofitune_"
 # The PEFT releases this registration was tested against; outside them we warn rather than refuse.
@@ -107,6 +109,8 @@ def _atomic_save_pretrained(original):
                 os.makedirs(dest_root, exist_ok=True)
                 ordered = sorted(files, key=lambda n: (n.endswith(".json"), n == "README.md", n))
                 for name in ordered:
+                    # writers that go through mkstemp leave 0600; give published files the usual permissions
+                    os.chmod(os.path.join(root, name), FILE_MODE)
                     os.replace(os.path.join(root, name), os.path.join(dest_root, name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

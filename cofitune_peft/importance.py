@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._files import FILE_MODE
 from .errors import CoFiTuneError
 from .masking import normalize
 
@@ -194,9 +195,7 @@ class Importance:
         os.close(fd)
         try:
             save_file({p: v.contiguous() for p, v in self.parts().items()}, tmp, metadata=metadata)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+            os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; give the file the usual permissions
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
