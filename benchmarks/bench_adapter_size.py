@@ -16,9 +16,10 @@ to a temporary folder that is deleted afterwards). Sizes do not depend on the ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
+
+from _common import markdown, random_importance, write_json
 
 DEFAULT_WINDOWS = ["7:9", "7:11", "0:15", "0:30"]  # the default window (7, 15) is measured anyway
 
@@ -37,20 +38,6 @@ def stored_dtypes(path: str) -> str:
             dtype = str(f.get_slice(key).get_dtype())
             counts[dtype] = counts.get(dtype, 0) + 1
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
-
-
-def make_importance(cfg):
-    import torch
-
-    from cofitune_peft import Importance
-
-    n = cfg.num_hidden_layers
-    g = torch.Generator().manual_seed(0)
-    return Importance(
-        heads=torch.rand(n, cfg.num_attention_heads, generator=g),
-        intermediate=torch.rand(n, cfg.intermediate_size, generator=g),
-        output=torch.rand(n, cfg.hidden_size, generator=g),
-    )
 
 
 def configurations(windows: list[tuple[int, int]]) -> dict[str, tuple[str, dict | None]]:
@@ -85,7 +72,7 @@ def measure(name: str, kwargs: dict | None, folder: str) -> dict:
     else:
         kwargs = dict(kwargs)
         if kwargs.get("importance") == "random":
-            kwargs["importance"] = make_importance(model.config)
+            kwargs["importance"] = random_importance(model.config)
         peft_config = CoFiTuneConfig(**kwargs)
     peft_model = get_peft_model(model, peft_config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -166,26 +153,11 @@ def main() -> None:
                 "/ full model": r["file_mb"] / full_mb,
             }
         )
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = markdown(rows)
     print("SmolLM2-135M-Instruct (30 layers); params M: trainable parameters (the full model: all of them)")
     print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "args": vars(args),
-                "full_model": {"file": "model.safetensors", "file_mb": full_mb, "params": full_params},
-                "results": results,
-                "table": table,
-            },
-            f,
-            indent=2,
-        )
+    full_model = {"file": "model.safetensors", "file_mb": full_mb, "params": full_params}
+    write_json(args.out, {"args": vars(args), "full_model": full_model, "results": results, "table": table})
     print(f"wrote {args.out}")
 
 

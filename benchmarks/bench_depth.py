@@ -28,61 +28,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from _common import layers_in_backward, long_texts, markdown, rss_mb, run_children, write_json
 
 DEFAULT_WINDOWS = ["0:4", "6:10", "12:16", "18:22", "26:30"]
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def batch_of_text(tokenizer, batch: int, length: int):
     """`batch` rows of general prose, each at least `length` tokens long, truncated to exactly `length`."""
-    from cofitune_peft.data import general_texts
-
-    rows = general_texts(split="eval", source="all", max_chars=max(2000, 8 * length), min_chars=min(1200, 5 * length))
-    texts = [t for t in rows["text"] if len(tokenizer(t)["input_ids"]) >= length][:batch]
-    if len(texts) < batch:
-        raise SystemExit(f"only {len(texts)} general-text rows have >= {length} tokens; need {batch}")
+    texts = long_texts(tokenizer, length, batch)[:batch]
     ids = tokenizer(texts, truncation=True, max_length=length, return_tensors="pt")["input_ids"]
     assert tuple(ids.shape) == (batch, length), ids.shape
     return ids
-
-
-def decoder_layers(model):
-    import torch
-
-    n = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) == n:
-            return module
-    raise RuntimeError("no decoder-layer ModuleList found")
-
-
-def layers_in_backward(model, input_ids) -> int:
-    """How many decoder layers produce an output that requires grad (one training-mode forward, no backward)."""
-    import torch
-
-    flags = []
-
-    def hook(_module, _args, output):
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        flags.append(bool(out.requires_grad))
-
-    handles = [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
-    try:
-        model.train()
-        with torch.enable_grad():
-            model(input_ids=input_ids, labels=input_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(flags)
 
 
 def enable_checkpointing(model, trainable) -> None:
@@ -232,24 +191,9 @@ def main() -> None:
         a, b = max(windows)
         names.append(f"window_{a}_{b}+ckpt_nofix")
 
-    from tqdm import tqdm
-
-    results = {}
-    for name in tqdm(names, desc="configurations"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--steps", str(args.steps)]
-        cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-        cmd += ["--batch", str(args.batch), "--length", str(args.length)]
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(args.threads),
-            "TQDM_DISABLE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"configuration {name} failed (exit {proc.returncode})")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads, "--batch", args.batch]
+    argv += ["--length", args.length]
+    results = run_children(__file__, names, argv, args.threads)
 
     def ratio(a, ref):
         """`a`'s step time over the reference's with the same checkpointing setting."""
@@ -272,12 +216,7 @@ def main() -> None:
                 "peak RSS MB": r["peak_rss_mb"],
             }
         )
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = markdown(rows)
     print(
         f"SmolLM2-135M-Instruct fp32, AdamW, batch {args.batch}x{args.length}, {args.threads} threads, median of "
         f"{args.steps} steps after {args.warmup} warm-up; ratios against the reference with the same checkpointing"
@@ -290,26 +229,15 @@ def main() -> None:
         if r["window"] and r["fix_input_grads"]
     )
     print(f"every window's backward pass stops at its lowest layer: {truncation_holds}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     png = os.path.splitext(args.out)[0] + ".png"
     widths = sorted({b - a for a, b in windows})
     title = (
         f"SmolLM2-135M, AdamW, batch {args.batch}x{args.length}, {args.threads} threads: step time vs window depth "
         f"(width {'/'.join(map(str, widths))})"
     )
+    data = {"args": vars(args), "results": results, "truncation_holds": truncation_holds, "table": table}
+    write_json(args.out, {**data, "plot": os.path.basename(png)})  # also creates the folder for the plot
     plot(results, png, num_layers, title)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "args": vars(args),
-                "results": results,
-                "truncation_holds": truncation_holds,
-                "table": table,
-                "plot": os.path.basename(png),
-            },
-            f,
-            indent=2,
-        )
     print(f"wrote {args.out} and {png}")
 
 

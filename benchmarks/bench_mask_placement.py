@@ -10,11 +10,10 @@ each placement x optimizer and prints the ratio; it is deterministic (no timing)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 import transformers as T
+from _common import markdown, write_json
 from peft import get_peft_model
 
 from cofitune_peft import CoFiTuneConfig, Importance
@@ -82,14 +81,8 @@ def main() -> None:
         free = movement(mode, optimizer, None, args.steps)
         ratios = [movement(mode, optimizer, s, args.steps) / free for s in SCALES]
         rows.append({"placement": label, **{f"s={s:g}": r for s, r in zip(SCALES, ratios)}})
-    header = list(rows[0])
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else v for v in row.values()) + " |")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"steps": args.steps, "unit": UNIT, "rows": rows}, f, indent=2)
+    print(markdown(rows, float_format=".4g"))
+    write_json(args.out, {"steps": args.steps, "unit": UNIT, "rows": rows})
 
 
 if __name__ == "__main__":

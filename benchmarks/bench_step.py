@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from _common import markdown, random_importance, rss_mb, run_children, write_json
 
 CONFIGS = {
     "full_ft": "full fine-tuning",
@@ -29,22 +27,17 @@ CONFIGS = {
 }
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(name: str, steps: int, threads: int, batch: int, length: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     import cofitune_peft  # noqa: F401
-    from cofitune_peft import CoFiTuneConfig, Importance
+    from cofitune_peft import CoFiTuneConfig
     from cofitune_peft.models import load_smollm2
 
     model, _ = load_smollm2()
     loaded_mb = rss_mb()
     cfg = model.config
-    n = cfg.num_hidden_layers
     if name == "full_ft":
         trainable = model
     elif name == "lora_r16":
@@ -54,14 +47,7 @@ def child(name: str, steps: int, threads: int, batch: int, length: int) -> dict:
     else:
         from peft import get_peft_model
 
-        importance = None
-        if name != "cofitune_coarse":
-            g = torch.Generator().manual_seed(0)
-            importance = Importance(
-                heads=torch.rand(n, cfg.num_attention_heads, generator=g),
-                intermediate=torch.rand(n, cfg.intermediate_size, generator=g),
-                output=torch.rand(n, cfg.hidden_size, generator=g),
-            )
+        importance = None if name == "cofitune_coarse" else random_importance(cfg)
         mode = "gradient" if name == "cofitune_mask_gradient" else "update"
         trainable = get_peft_model(model, CoFiTuneConfig(importance=importance, softmask_mode=mode))
         if name == "cofitune_mask_ckpt":
@@ -106,15 +92,8 @@ def main() -> None:
         print(json.dumps(child(args.child, args.steps, args.threads, args.batch, args.length)))
         return
 
-    from tqdm import tqdm
-
-    results = {}
-    for name in tqdm(args.configs, desc="configurations"):
-        cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--threads", str(args.threads)]
-        cmd += ["--batch", str(args.batch), "--length", str(args.length)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
+    argv = ["--steps", args.steps, "--threads", args.threads, "--batch", args.batch, "--length", args.length]
+    results = run_children(__file__, args.configs, argv, args.threads)
 
     def ratio(a, b, key):
         return results[a][key] / results[b][key] if a in results and b in results else float("nan")
@@ -132,12 +111,7 @@ def main() -> None:
                 "peak / LoRA": ratio(name, "lora_r16", "peak_rss_mb"),
             }
         )
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = markdown(rows)
     print(table)
     summary = {
         "cofitune_mask_step_vs_lora": ratio("cofitune_mask", "lora_r16", "step_s_median"),
@@ -146,9 +120,7 @@ def main() -> None:
         "mask_overhead": ratio("cofitune_mask", "cofitune_coarse", "step_s_median") - 1,
     }
     print(json.dumps(summary, indent=2))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "results": results, "summary": summary, "table": table}, f, indent=2)
+    write_json(args.out, {"args": vars(args), "results": results, "summary": summary, "table": table})
 
 
 if __name__ == "__main__":

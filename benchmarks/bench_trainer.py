@@ -22,13 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from _common import (
+    decoder_layers,
+    layers_in_backward,
+    long_texts,
+    markdown,
+    random_importance,
+    rss_mb,
+    run_children,
+    write_json,
+)
 
 CONFIGS = {
     "full_ft": "full fine-tuning",
@@ -37,54 +44,6 @@ CONFIGS = {
     "cofitune_mask": "CoFiTune, default window, mask (update)",
     "cofitune_mask_gradient": "CoFiTune, default window, mask (gradient)",
 }
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def long_texts(tokenizer, length: int, min_rows: int) -> list[str]:
-    """Rows of general prose (eval split) that are at least `length` tokens long, so truncation makes them exactly
-    `length`."""
-    from cofitune_peft.data import general_texts
-
-    rows = general_texts(split="eval", source="all", max_chars=max(2000, 8 * length), min_chars=min(1200, 5 * length))
-    texts = [t for t in rows["text"] if len(tokenizer(t)["input_ids"]) >= length]
-    if len(texts) < min_rows:
-        raise SystemExit(f"only {len(texts)} general-text rows have >= {length} tokens; need {min_rows}")
-    return texts
-
-
-def decoder_layers(model):
-    """The ModuleList of decoder layers inside `model` (a PeftModel or a plain transformers model)."""
-    import torch
-
-    n = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) == n:
-            return module
-    raise RuntimeError("no decoder-layer ModuleList found")
-
-
-def layers_in_backward(model, input_ids) -> int:
-    """How many decoder layers produce an output that requires grad (one training-mode forward, no backward)."""
-    import torch
-
-    flags = []
-
-    def hook(_module, _args, output):
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        flags.append(bool(out.requires_grad))
-
-    handles = [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
-    try:
-        model.train()
-        with torch.enable_grad():
-            model(input_ids=input_ids, labels=input_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(flags)
 
 
 def checkpointing_of(model) -> dict:
@@ -96,22 +55,6 @@ def checkpointing_of(model) -> dict:
     return {"enabled": enabled, "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, str))}}
 
 
-def make_importance(cfg, path: str | None):
-    import torch
-
-    from cofitune_peft import Importance
-
-    if path:
-        return Importance.load(path)
-    n = cfg.num_hidden_layers
-    g = torch.Generator().manual_seed(0)
-    return Importance(
-        heads=torch.rand(n, cfg.num_attention_heads, generator=g),
-        intermediate=torch.rand(n, cfg.intermediate_size, generator=g),
-        output=torch.rand(n, cfg.hidden_size, generator=g),
-    )
-
-
 def child(name: str, args) -> dict:
     import torch
 
@@ -121,7 +64,7 @@ def child(name: str, args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     import cofitune_peft  # noqa: F401
-    from cofitune_peft import CoFiTuneConfig
+    from cofitune_peft import CoFiTuneConfig, Importance
     from cofitune_peft.models import load_smollm2
 
     model, tokenizer = load_smollm2()
@@ -140,7 +83,8 @@ def child(name: str, args) -> dict:
         peft_config = CoFiTuneConfig()
     else:
         mode = "gradient" if name == "cofitune_mask_gradient" else "update"
-        peft_config = CoFiTuneConfig(importance=make_importance(model.config, args.importance), softmask_mode=mode)
+        importance = Importance.load(args.importance) if args.importance else random_importance(model.config)
+        peft_config = CoFiTuneConfig(importance=importance, softmask_mode=mode)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -212,15 +156,6 @@ def child(name: str, args) -> dict:
     }
 
 
-def markdown(rows: list[dict]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
@@ -239,26 +174,9 @@ def main() -> None:
         print(json.dumps(child(args.child, args)))
         return
 
-    from tqdm import tqdm
-
-    results = {}
-    for name in tqdm(args.configs, desc="configurations"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--steps", str(args.steps)]
-        cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-        cmd += ["--batch", str(args.batch), "--length", str(args.length)]
-        if args.importance:
-            cmd += ["--importance", args.importance]
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(args.threads),
-            "TQDM_DISABLE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"configuration {name} failed (exit {proc.returncode})")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads, "--batch", args.batch]
+    argv += ["--length", args.length] + (["--importance", args.importance] if args.importance else [])
+    results = run_children(__file__, args.configs, argv, args.threads)
 
     def ratio(a, b, key="step_s_median"):
         return results[a][key] / results[b][key] if a in results and b in results else float("nan")
@@ -299,9 +217,7 @@ def main() -> None:
     print(f"mask overhead (mask update vs coarse step time): {summary['mask_overhead_pct']:+.1f}%")
     print(f"mask overhead (mask gradient vs coarse step time): {summary['mask_gradient_overhead_pct']:+.1f}%")
     print(json.dumps({k: v for k, v in summary.items() if k != "gradient_checkpointing"}, indent=2))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "results": results, "summary": summary, "table": table}, f, indent=2)
+    write_json(args.out, {"args": vars(args), "results": results, "summary": summary, "table": table})
     print(f"wrote {args.out}")
 
 
