@@ -34,7 +34,7 @@ def run_children(script: str, names: list[str], argv: list[str], threads: int) -
 
 def long_texts(tokenizer, length: int, min_rows: int) -> list[str]:
     """Rows of general prose (eval split) of at least `length` tokens, so truncation makes them exactly `length`."""
-    from cofitune_peft.data import general_texts
+    from cofitune_peft.kit.data import general_texts
 
     rows = general_texts(split="eval", source="all", max_chars=max(2000, 8 * length), min_chars=min(1200, 5 * length))
     texts = [t for t in rows["text"] if len(tokenizer(t)["input_ids"]) >= length]

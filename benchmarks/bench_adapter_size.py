@@ -64,7 +64,7 @@ def measure(name: str, kwargs: dict | None, folder: str) -> dict:
 
     import cofitune_peft  # noqa: F401
     from cofitune_peft import CoFiTuneConfig
-    from cofitune_peft.models import load_smollm2
+    from cofitune_peft.kit.loading import load_smollm2
 
     model, _ = load_smollm2()
     if kwargs is None:
@@ -110,7 +110,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
-    from cofitune_peft.models import smollm2_path
+    from cofitune_peft.kit.loading import smollm2_path
 
     full_file = os.path.join(smollm2_path(), "model.safetensors")
     full_mb = os.path.getsize(full_file) / 1e6

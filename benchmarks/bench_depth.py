@@ -1,7 +1,7 @@
 """Training step time vs the depth of CoFiTune's window: nothing below the window enters the backward pass.
 
 SmolLM2-135M-Instruct (30 layers, fp32, CPU), plain PyTorch loop (AdamW, batch 4 x 256 tokens of real prose from
-`cofitune_peft.data.general_texts(split="eval")`), CoFiTune windows of the same width (4 layers, FFN up/down, no mask)
+`cofitune_peft.kit.data.general_texts(split="eval")`), CoFiTune windows of the same width (4 layers, FFN up/down, no mask)
 placed at different depths, with LoRA r16 (all linear) and full fine-tuning as references. A window (a, b) trains the
 same number of weights wherever it sits, but the backward pass runs from the loss down to layer a only, so the step
 gets cheaper as the window moves up. After the timed steps, one more forward pass counts the decoder layers whose
@@ -62,7 +62,7 @@ def child(name: str, args) -> dict:
 
     import cofitune_peft  # noqa: F401
     from cofitune_peft import CoFiTuneConfig
-    from cofitune_peft.models import load_smollm2
+    from cofitune_peft.kit.loading import load_smollm2
 
     model, tokenizer = load_smollm2()
     loaded_mb = rss_mb()

@@ -21,7 +21,7 @@ import time
 import torch
 
 from cofitune_peft.estimation import estimate_importance
-from cofitune_peft.models import load_smollm2
+from cofitune_peft.kit.loading import load_smollm2
 
 BATCH, LENGTH, TARGET = 4, 256, 2.5
 

@@ -33,7 +33,7 @@ def child(name: str, steps: int, threads: int, batch: int, length: int) -> dict:
     torch.set_num_threads(threads)
     import cofitune_peft  # noqa: F401
     from cofitune_peft import CoFiTuneConfig
-    from cofitune_peft.models import load_smollm2
+    from cofitune_peft.kit.loading import load_smollm2
 
     model, _ = load_smollm2()
     loaded_mb = rss_mb()

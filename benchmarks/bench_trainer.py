@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (fp32, CPU), `SFTConfig(use_cpu=True, bf16=False, per_device_train_batch_size=4,
 max_length=256)` and otherwise TRL's defaults: gradient checkpointing on (TRL's default; with transformers 5 it is
 non-reentrant, and the table reports what each run actually used), fused AdamW, linear schedule. The data are real
-prose rows of `cofitune_peft.data.general_texts(split="eval")` that are all at least 256 tokens long, so TRL truncates
+prose rows of `cofitune_peft.kit.data.general_texts(split="eval")` that are all at least 256 tokens long, so TRL truncates
 every row to 256 tokens and every batch is 4 x 256 (checked in each run).
 
 Each configuration runs in its own child process (so that each one's peak RSS is its own). A `TrainerCallback` times
@@ -65,7 +65,7 @@ def child(name: str, args) -> dict:
 
     import cofitune_peft  # noqa: F401
     from cofitune_peft import CoFiTuneConfig, Importance
-    from cofitune_peft.models import load_smollm2
+    from cofitune_peft.kit.loading import load_smollm2
 
     model, tokenizer = load_smollm2()
     loaded_mb = rss_mb()

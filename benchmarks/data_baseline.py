@@ -1,4 +1,4 @@
-"""How well the base SmolLM2-135M-Instruct does on `cofitune_peft.data`'s speciality task and versatility probes.
+"""How well the base SmolLM2-135M-Instruct does on `cofitune_peft.kit.data`'s speciality task and versatility probes.
 
 Greedy decoding with the chat template (no system message of ours; the template adds its default one),
 `max_new_tokens=16`; multiple choice by the log-likelihood of each option's tokens as the assistant reply.
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from cofitune_peft.data import answer_matches, arithmetic_task, capital_probes, extract_number
-from cofitune_peft.models import load_smollm2
+from cofitune_peft.kit.data import answer_matches, arithmetic_task, capital_probes, extract_number
+from cofitune_peft.kit.loading import load_smollm2
 
 
 def chat_ids(tokenizer, prompt: str, reply: str | None = None) -> list[int]:

@@ -1,26 +1,43 @@
 """cofitune-peft: CoFiTune (arXiv 2404.10306) as a PEFT method.
 
 Importing this package registers the `COFITUNE` peft type with PEFT, so `get_peft_model`, `PeftModel.from_pretrained`
-and `AutoPeftModelForCausalLM` work with CoFiTune adapters.
+and `AutoPeftModelForCausalLM` work with CoFiTune adapters. It loads the method core only; the experiment kit
+(evaluation, search, training loop, data, demo) lives in `cofitune_peft.kit` and is imported on first use.
 """
 
 from __future__ import annotations
 
-from . import _peft_compat
+import importlib
+
+from . import _compat
 from .callback import CoFiTuneCallback
 from .config import CoFiTuneConfig
 from .errors import CoFiTuneError
 from .estimation import estimate_importance
-from .evaluation import SpecialityEval, VersatilityEval
 from .importance import Importance
 from .layer import CoFiTuneLayer
-from .model import CoFiTuneModel
-from .search import SearchResult, search_layers
-from .training import train_sft
+from .model import CoFiTuneModel, set_importance
+from .model_card import write_cofitune_section
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_peft_compat.register(CoFiTuneConfig, CoFiTuneModel)
+_compat.register(CoFiTuneConfig, CoFiTuneModel, write_cofitune_section)
+
+# Names of the experiment kit that `from cofitune_peft import ...` still finds (imported on first use).
+_KIT_NAMES = {
+    "SearchResult": "cofitune_peft.kit.search",
+    "SpecialityEval": "cofitune_peft.kit.evaluation",
+    "VersatilityEval": "cofitune_peft.kit.evaluation",
+    "search_layers": "cofitune_peft.kit.search",
+    "train_sft": "cofitune_peft.kit.training",
+}
+
+
+def __getattr__(name: str):
+    if name in _KIT_NAMES:
+        return getattr(importlib.import_module(_KIT_NAMES[name]), name)
+    raise AttributeError(f"module 'cofitune_peft' has no attribute {name!r}")
+
 
 __all__ = [
     "CoFiTuneCallback",
@@ -29,11 +46,7 @@ __all__ = [
     "CoFiTuneLayer",
     "CoFiTuneModel",
     "Importance",
-    "SearchResult",
-    "SpecialityEval",
-    "VersatilityEval",
     "__version__",
     "estimate_importance",
-    "search_layers",
-    "train_sft",
+    "set_importance",
 ]

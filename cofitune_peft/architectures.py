@@ -9,10 +9,12 @@ the package works from these tables.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import CoFiTuneError
 
@@ -283,7 +285,7 @@ def full_shape(weight: torch.Tensor) -> torch.Size:
 
 def _is_conv1d(module: nn.Module) -> bool:
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return type(base).__name__ == "Conv1D"
+    return isinstance(base, Conv1D)
 
 
 def weight_axis(module: nn.Module, axis: str) -> int:
@@ -342,8 +344,21 @@ class Target:
     roles: frozenset[str] = field(default_factory=frozenset)  # the selected roles inside this module
 
 
-def layer_index_regex(layers_pattern: str) -> re.Pattern:
-    return re.compile(rf"(?:^|\.){re.escape(layers_pattern)}\.(\d+)\.(.+)$")
+def layer_modules(model: nn.Module, layers_pattern: str) -> Iterator[tuple[str, int, str, nn.Module]]:
+    """`(key, layer index, name inside the layer, module)` for every module of every decoder layer.
+
+    The decoder layer itself comes with the inner name `""`. This is the one walker over `<layers_pattern>.<i>`.
+    """
+    pattern = re.compile(rf"(?:^|\.){re.escape(layers_pattern)}\.(\d+)(?:\.(.+))?$")
+    for key, module in model.named_modules():
+        match = pattern.search(key)
+        if match is not None:
+            yield key, int(match.group(1)), match.group(2) or "", module
+
+
+def decoder_layers(model: nn.Module, layers_pattern: str) -> dict[int, nn.Module]:
+    """The decoder layers of `model`, by index."""
+    return {layer: module for _, layer, inner, module in layer_modules(model, layers_pattern) if not inner}
 
 
 def find_targets(
@@ -354,14 +369,9 @@ def find_targets(
     explicit_names: frozenset[str] = frozenset(),
 ) -> list[Target]:
     """All modules of `spec` inside `layers` whose roles intersect `roles` (or whose name is in `explicit_names`)."""
-    pattern = layer_index_regex(spec.layers_pattern)
     by_name = {m.name: m for m in spec.modules}
     targets = []
-    for key, module in model.named_modules():
-        match = pattern.search(key)
-        if match is None:
-            continue
-        layer, inner = int(match.group(1)), match.group(2)
+    for key, layer, inner, module in layer_modules(model, spec.layers_pattern):
         layout = by_name.get(inner)
         if layout is None or layer not in layers:
             continue
@@ -390,8 +400,8 @@ def find_targets(
 
 
 def count_layers(model: nn.Module, layers_pattern: str) -> int:
-    pattern = layer_index_regex(layers_pattern)
-    found = {int(m.group(1)) for key, _ in model.named_modules() if (m := pattern.search(key))}
+    """The number of decoder layers (highest index + 1), 0 when none match `layers_pattern`."""
+    found = decoder_layers(model, layers_pattern)
     return max(found) + 1 if found else 0
 
 

@@ -18,26 +18,11 @@ from transformers import TrainerCallback
 
 from .errors import CoFiTuneError
 from .importance import Importance, resolve_importance
+from .model import find_tuner
 
 logger = logging.getLogger(__name__)
 
 IMPORTANCE_FILE = "importance.safetensors"
-
-
-def find_tuner(model):
-    """The `CoFiTuneModel` inside `model` (a PeftModel, possibly wrapped by DDP/accelerate), or None."""
-    from .model import CoFiTuneModel
-
-    seen = set()
-    while model is not None and id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, CoFiTuneModel):
-            return model
-        base = getattr(model, "base_model", None)
-        if isinstance(base, CoFiTuneModel):
-            return base
-        model = getattr(model, "module", None)  # DDP / FSDP wrappers
-    return None
 
 
 class CoFiTuneCallback(TrainerCallback):
@@ -115,20 +100,20 @@ class CoFiTuneCallback(TrainerCallback):
             # Resuming: the adapter checkpoint already restored the per-row scales. Reload the full importance too.
             restored = self._restore(args, state)
             if restored is not None:
-                tuner.peft_config[adapter].importance = restored
+                tuner._importances[adapter] = restored
                 self._current = restored
             logger.info("CoFiTuneCallback: resumed at step %d with the checkpoint's soft mask.", state.global_step)
         elif self.importance is not None:
             self._current = resolve_importance(self.importance)
             tuner.set_importance(self._current, adapter)
         elif self.importance_dataset is not None:
-            if tuner.peft_config[adapter].importance is not None:
+            if tuner.get_importance(adapter) is not None:
                 logger.info("CoFiTuneCallback: the adapter already has an importance; not estimating another.")
             else:
                 self._current = self._estimate(model, processing_class)
                 tuner.set_importance(self._current, adapter)
         else:
-            self._current = resolve_importance(tuner.peft_config[adapter].importance)
+            self._current = tuner.get_importance(adapter)
         if self._current is not None and args.process_index == 0:
             os.makedirs(args.output_dir, exist_ok=True)
             self._current.save(os.path.join(args.output_dir, IMPORTANCE_FILE))

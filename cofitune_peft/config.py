@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from . import _peft_compat
+from . import _compat
 from .architectures import ROLES, SHORTHANDS, UNITS
 from .errors import CoFiTuneError
 from .importance import Importance
@@ -33,9 +32,12 @@ class CoFiTuneConfig(PeftConfig):
             A shorthand (`"ffn"`: up and down projections, as the paper; `"ffn+gate"`; `"mha"`: q, k, v;
             `"ffn+mha"`; `"mha+o"`; `"all"`), a list of roles (`"q"`, `"k"`, `"v"`, `"o"`, `"gate"`, `"up"`, `"down"`),
             or a list of module names inside a decoder layer (e.g. `["mlp.up_proj", "mlp.down_proj"]`).
-        importance (`Importance | str`, *optional*, defaults to `None`):
-            The units' versatility importance, or a path to a file written by `Importance.save`. `None` trains without
-            a soft mask (the coarse level only). Only the per-row scales derived from it are stored in the adapter.
+        importance (`str`, *optional*, defaults to `None`):
+            A path to an importance file written by `Importance.save` (or `cofitune importance`). `None` trains
+            without a soft mask (the coarse level only), or with the mask that `set_importance(model, importance)` or
+            `CoFiTuneCallback` installs later. Only the per-row scales derived from it are stored in the adapter. As a
+            convenience an in-memory `Importance` is accepted too: `get_peft_model` consumes it, and it is never
+            serialised (the config keeps its description in `importance_source`).
         softmask_mode (`str`, *optional*, defaults to `"update"`):
             `"update"` scales the weight *change*: the optimizer computes its step from W's true gradient and each
             row moves `1 - I` times that step (W = W0 + (1 - I) * Delta, with Delta receiving W's gradient), which
@@ -77,8 +79,8 @@ class CoFiTuneConfig(PeftConfig):
         default="ffn",
         metadata={"help": "'ffn', 'ffn+gate', 'mha', 'ffn+mha', 'mha+o', 'all', a list of roles or of module names."},
     )
-    importance: Any = field(
-        default=None, metadata={"help": "An `Importance`, a path to an importance file, or None (no soft mask)."}
+    importance: str | None = field(
+        default=None, metadata={"help": "Path to an importance file (Importance.save), or None (no soft mask yet)."}
     )
     softmask_mode: str = field(
         default="update", metadata={"help": "'update' (works under AdamW), 'gradient' (the paper's), or 'none'."}
@@ -101,7 +103,7 @@ class CoFiTuneConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = _peft_compat.peft_type()
+        self.peft_type = _compat.peft_type()
         problems = []
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)
@@ -130,6 +132,11 @@ class CoFiTuneConfig(PeftConfig):
             )
         if isinstance(self.importance, os.PathLike):
             self.importance = os.fspath(self.importance)
+        elif isinstance(self.importance, Importance):
+            # Consumed by `get_peft_model`, never serialised: the config holds hyperparameters only.
+            self._pending_importance = self.importance
+            self.importance_source = describe_importance(self.importance)
+            self.importance = None
         if self.unit_map is not None:
             if not isinstance(self.unit_map, dict) or not self.unit_map:
                 problems.append(f"`unit_map` must be a non-empty dict of module name -> unit, got {self.unit_map!r}.")
@@ -176,33 +183,24 @@ class CoFiTuneConfig(PeftConfig):
         return roles, names
 
     def to_dict(self) -> dict:
-        """A JSON-safe dict: an in-memory `Importance` is not serialised (its per-row scales are in the adapter)."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "importance":
-                if value is not None and self.importance_source is None:
-                    out["importance_source"] = value if isinstance(value, str) else _describe(value)
-                value = None
-            if isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, set):
-                value = sorted(value)
-            out.setdefault(f.name, value)
+        """PEFT's dict, with an importance path moved to `importance_source`.
+
+        The importance is consumed when the adapter is built and its per-row scales are saved in the adapter file, so
+        loading an adapter never needs (or reads) the importance file.
+        """
+        out = super().to_dict()
+        if out.get("importance") is not None:
+            out["importance_source"] = out.get("importance_source") or out["importance"]
+            out["importance"] = None
         return out
 
-    def __deepcopy__(self, memo):
-        # Importance tensors are shared, not copied: they are read-only inputs.
-        import copy
-
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            setattr(new, key, value if isinstance(value, Importance) else copy.deepcopy(value, memo))
-        return new
+    def pending_importance(self) -> Importance | str | None:
+        """The importance `get_peft_model` installs: an in-memory one handed to the config, else the path."""
+        return getattr(self, "_pending_importance", None) or self.importance
 
 
-def _describe(importance: Importance) -> str:
+def describe_importance(importance: Importance) -> str:
+    """A one-line provenance of an importance, for the config and the model card."""
     meta = importance.metadata
     if "source" in meta:
         return meta["source"]

@@ -2,26 +2,41 @@
 
 Three parts, any of which may be absent: `heads` `[layers, num_heads]`, `intermediate` `[layers, intermediate_size]`
 and `output` `[layers, hidden_size]`. Values are normalised to [0, 1]: 1 means "never change this unit", 0 means "no
-protection". `estimate_importance` (the KL robustness proxy) produces one; this module holds the container.
+protection". `estimate_importance` (the KL robustness proxy) produces one; this module holds the container, the
+normalisation of raw scores, and the per-row scale of a trained weight that the soft mask is built from.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ._files import FILE_MODE
+from .architectures import Dims, ModuleLayout, dims_of, segment_widths, spec_for
 from .errors import CoFiTuneError
-from .masking import normalize
+from .utils import atomic_path
 
 PARTS = ("heads", "intermediate", "output")
 FORMAT = "cofitune-importance"
 FORMAT_VERSION = "1"
+
+
+def normalize(raw: torch.Tensor) -> torch.Tensor:
+    """Per-layer `|tanh((I - mean) / std)|`, in [0, 1) (the authors' normalisation).
+
+    A layer whose raw values are all equal carries no ranking, so it maps to 0 (no protection).
+
+    Args:
+        raw (`torch.Tensor`): `[layers, units]`.
+    """
+    raw = raw.double()
+    mean = raw.mean(dim=1, keepdim=True)  # [layers, 1]
+    std = raw.std(dim=1, keepdim=True, unbiased=True) if raw.shape[1] > 1 else torch.zeros_like(mean)
+    z = torch.where(std > 0, (raw - mean) / std.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(raw))
+    return torch.tanh(z).abs().float()  # [layers, units]
 
 
 def _check_tensor(name: str, value: Any, normalized: bool) -> torch.Tensor | None:
@@ -115,8 +130,6 @@ class Importance:
 
     def validate_for(self, model, source: str = "importance") -> None:
         """Raise `CoFiTuneError` unless the shapes match `model` (a transformers model or a PeftModel)."""
-        from .architectures import dims_of, spec_for
-
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         dims = dims_of(base, spec_for(base))
         self.validate_dims(dims, source)
@@ -191,15 +204,8 @@ class Importance:
             "normalized": "true",
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        fd, tmp = tempfile.mkstemp(prefix=".importance-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file({p: v.contiguous() for p, v in self.parts().items()}, tmp, metadata=metadata)
-            os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; give the file the usual permissions
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Importance:
@@ -231,14 +237,17 @@ class Importance:
         return cls(**tensors, normalized=meta.get("normalized") == "true", metadata=user_meta)
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
-        """A layers x units heatmap per part, written as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """A layers x units heatmap per part, written as a PNG (needs matplotlib: `pip install cofitune-peft[eval]`)."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as err:
+            raise CoFiTuneError(
+                "`Importance.plot` needs matplotlib; install it with `pip install cofitune-peft[eval]`."
+            ) from err
 
         parts = self.parts()
-        fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 4), squeeze=False)
+        fig = Figure(figsize=(5 * len(parts), 4), layout="constrained")
+        axes = fig.subplots(1, len(parts), squeeze=False)
         for ax, (name, values) in zip(axes[0], parts.items()):
             im = ax.imshow(values.numpy(), aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis")
             ax.set_title(f"{name} {tuple(values.shape)}")
@@ -246,9 +255,7 @@ class Importance:
             ax.set_ylabel("layer")
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(title or "CoFiTune importance (1 = protected)")
-        fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=100)
-        plt.close(fig)
 
 
 def resolve_importance(value: Importance | str | os.PathLike | None) -> Importance | None:
@@ -260,3 +267,63 @@ def resolve_importance(value: Importance | str | os.PathLike | None) -> Importan
     raise CoFiTuneError(
         f"`importance` must be None, a path to an importance file or an `Importance`, got {type(value).__name__}."
     )
+
+
+# ---------------------------------------------------------------------- per-row scales of the soft mask
+
+
+def kv_head_importance(heads: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Importance of each key/value head under grouped-query attention: the max over the query heads it serves.
+
+    The max keeps a shared k/v projection as protected as its most important query head.
+
+    Args:
+        heads (`torch.Tensor`): `[num_heads]`.
+    """
+    num_heads = heads.shape[0]
+    if num_kv_heads == num_heads:
+        return heads
+    group = num_heads // num_kv_heads
+    return heads.view(num_kv_heads, group).amax(dim=1)  # [num_kv_heads]
+
+
+def unit_keep(importance: Importance | None, layer: int, unit: str, dims: Dims) -> torch.Tensor | None:
+    """`1 - I` for every unit of `unit` type in `layer`, or None when the importance does not cover that unit."""
+    if importance is None:
+        return None
+    if unit == "intermediate":
+        values = importance.intermediate
+    elif unit == "output":
+        values = importance.output
+    elif unit in ("head", "kv_head"):
+        values = importance.heads
+    else:
+        return None
+    if values is None:
+        return None
+    row = values[layer].float()
+    if unit == "kv_head":
+        row = kv_head_importance(row, dims.num_kv_heads)
+    return 1.0 - row  # [units]
+
+
+def module_scale(
+    importance: Importance | None, layer: int, layout: ModuleLayout, dims: Dims, size: int
+) -> tuple[torch.Tensor, list[str]]:
+    """The soft-mask factor of every row (or column) of one module, and the units the importance did not cover.
+
+    Returns:
+        `(scale, uncovered)`: `scale` is `[size]` with values in [0, 1]; `uncovered` lists the unit types that got
+        scale 1 because the importance has no values for them.
+    """
+    widths = segment_widths(layout, dims, size)
+    parts, uncovered = [], []
+    for seg, width in zip(layout.segments, widths):
+        keep = unit_keep(importance, layer, seg.unit, dims)
+        if keep is None:
+            if importance is not None and seg.unit != "none":
+                uncovered.append(seg.unit)
+            parts.append(torch.ones(width))
+        else:
+            parts.append(keep.repeat_interleave(width // keep.shape[0]))
+    return torch.cat(parts), uncovered  # [size]

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from ._compat import BufferDict
 from .architectures import full_shape, weight_axis
 from .errors import CoFiTuneError
 
@@ -82,7 +83,7 @@ class CoFiTuneLayer(BaseTunerLayer):
         self.cofitune_axis: dict[str, int] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.is_conv1d = type(base_layer).__name__ == "Conv1D"
+        self.is_conv1d = isinstance(base_layer, Conv1D)
         if not (isinstance(base_layer, nn.Linear) or self.is_conv1d):
             raise CoFiTuneError(
                 f"CoFiTune cannot wrap a {type(base_layer).__name__}; it supports nn.Linear and Conv1D."

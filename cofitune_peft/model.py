@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -15,25 +16,25 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from . import _compat
 from .architectures import (
     ArchSpec,
     Dims,
     Target,
     count_layers,
+    decoder_layers,
     dims_of,
     find_targets,
     full_shape,
-    layer_index_regex,
     row_selection,
     spec_for,
     spec_from_unit_map,
     weight_axis,
 )
-from .config import CoFiTuneConfig
+from .config import CoFiTuneConfig, describe_importance
 from .errors import CoFiTuneError
-from .importance import resolve_importance
+from .importance import Importance, module_scale, resolve_importance
 from .layer import CoFiTuneLayer, Linear
-from .masking import module_scale
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,11 @@ def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
-def build_plan(model: nn.Module, config: CoFiTuneConfig) -> Plan:
-    """Resolve `config` against `model`: window, modules, per-row scales. Raises `CoFiTuneError` on bad input."""
+def build_plan(model: nn.Module, config: CoFiTuneConfig, importance: Importance | None = None) -> Plan:
+    """Resolve `config` against `model`: window, modules, per-row scales. Raises `CoFiTuneError` on bad input.
+
+    `importance` is the resolved importance (`None`: no soft mask).
+    """
     roles, names = config.roles_and_names()
     if config.unit_map is not None:
         if not names:
@@ -113,7 +117,6 @@ def build_plan(model: nn.Module, config: CoFiTuneConfig) -> Plan:
             f"`target_modules`={config.target_modules!r} matched no module in layers {layers[0]}..{layers[1] - 1}; "
             f"this architecture's trainable modules are {[m.name for m in spec.modules]}."
         )
-    importance = resolve_importance(config.importance)
     if importance is not None:
         importance.validate_dims(dims, source="importance")
     entries, uncovered = {}, set()
@@ -146,16 +149,19 @@ class CoFiTuneModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: CoFiTuneConfig, model: nn.Module) -> None:
-        plan = build_plan(model, peft_config)
-        peft_config.layers = plan.layers
-        peft_config._cofitune_plan = plan
+        # PEFT calls this once per adapter right before injecting it; the plan for that injection lives here, on the
+        # tuner, until `_post_injection_hook` drops it.
+        importance = resolve_importance(peft_config.pending_importance())
+        self._cofitune_plan = build_plan(model, peft_config, importance)
+        self._cofitune_pending = importance
+        peft_config.layers = self._cofitune_plan.layers
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
-        plan = getattr(peft_config, "_cofitune_plan", None)
+        plan = getattr(self, "_cofitune_plan", None)
         return plan is not None and key in plan.entries
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        entry = peft_config._cofitune_plan.entries[current_key]
+        entry = self._cofitune_plan.entries[current_key]
         layer_kwargs = {
             "axis": entry.target.layout.axis,
             "scale": entry.scale,
@@ -173,16 +179,25 @@ class CoFiTuneModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
-        # The plan holds tensors that are now in the layers; drop it so deepcopies of the config stay light.
-        if hasattr(config, "_cofitune_plan"):
-            del config._cofitune_plan
+        # The plan's tensors are now in the layers; the importance stays with the tuner (not the config).
+        self._cofitune_plan = None
+        self._importances[adapter_name] = self._cofitune_pending
+        self._cofitune_pending = None
+        if hasattr(config, "_pending_importance"):
+            del config._pending_importance
         if getattr(self, "_cofitune_input_grad_hook", None) is None:
             self._cofitune_input_grad_hook = model.register_forward_pre_hook(
                 functools.partial(_fix_input_grads, self), with_kwargs=True
             )
             self._cofitune_window_hook = None
             # Where `enable_input_require_grads` leaves its hooks; looked up once, checked every forward.
-            self._cofitune_embeddings = _input_embeddings(model)
+            self._cofitune_embeddings = _compat.input_embeddings(model)
+
+    @property
+    def _importances(self) -> dict[str, Importance | None]:
+        if "_cofitune_importances" not in self.__dict__:
+            self.__dict__["_cofitune_importances"] = {}
+        return self.__dict__["_cofitune_importances"]
 
     # ------------------------------------------------------------------ save / load
 
@@ -235,14 +250,11 @@ class CoFiTuneModel(BaseTuner):
         Used by `CoFiTuneCallback` to estimate the importance after the Trainer built the model. `importance` is an
         `Importance`, a path, or None (removes the mask). The trained deltas are untouched.
         """
-        import copy
-
         adapter_name = adapter_name or self.active_adapters[0]
         if adapter_name not in self.peft_config:
             raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(self.peft_config)}.")
-        config = copy.copy(self.peft_config[adapter_name])
-        config.importance = importance
-        plan = build_plan(self.model, config)
+        resolved = resolve_importance(importance)
+        plan = build_plan(self.model, self.peft_config[adapter_name], resolved)
         for key, entry in plan.entries.items():
             layer = self.model.get_submodule(key)
             if not isinstance(layer, CoFiTuneLayer) or adapter_name not in layer.cofitune_scale:
@@ -250,8 +262,18 @@ class CoFiTuneModel(BaseTuner):
             buffer = layer.cofitune_scale[adapter_name]
             buffer.copy_(entry.scale.to(buffer.device, buffer.dtype))
         stored = self.peft_config[adapter_name]
-        stored.importance = importance
-        stored.importance_source = None
+        stored.importance = importance if isinstance(importance, (str, os.PathLike)) else None
+        if isinstance(stored.importance, os.PathLike):
+            stored.importance = os.fspath(stored.importance)
+        stored.importance_source = None if resolved is None else describe_importance(resolved)
+        self._importances[adapter_name] = resolved
+
+    def get_importance(self, adapter_name: str | None = None) -> Importance | None:
+        """The importance the soft mask of `adapter_name` was built from in this process (None: none, or loaded).
+
+        An adapter loaded from disk carries its per-row scales but not the importance they came from.
+        """
+        return self._importances.get(adapter_name or self.active_adapters[0])
 
     # ------------------------------------------------------------------ introspection
 
@@ -276,16 +298,6 @@ class CoFiTuneModel(BaseTuner):
         return {"mask_mean_scale": total / count, "mask_frac_below_0.1": low / count}
 
 
-def _decoder_layers(model: nn.Module, layers_pattern: str) -> dict[int, nn.Module]:
-    pattern = layer_index_regex(layers_pattern)
-    out = {}
-    for key, module in model.named_modules():
-        m = pattern.search(key + ".x")
-        if m is not None and m.group(2) == "x":
-            out[int(m.group(1))] = module
-    return out
-
-
 def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
     """Forward pre-hook: undo `enable_input_require_grads`, which drags every layer into the backward pass.
 
@@ -296,7 +308,7 @@ def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
     """
     if not module.training:
         return None
-    found = _input_grad_hooks(tuner._cofitune_embeddings)
+    found = _compat.input_grad_hooks(tuner._cofitune_embeddings)
     if not found:
         return None
     configs = [tuner.peft_config[a] for a in tuner.active_adapters if a in tuner.peft_config]
@@ -306,15 +318,8 @@ def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
     if trainable_layers is None:
         return None
     lowest, layer_module = trainable_layers
-    reentrant = _reentrant_checkpointing(module)
-    for embedding, hook_id in found:
-        # transformers keeps only the handle of its last `enable_input_require_grads` call (and checkpointing
-        # calls it too), so earlier hooks cannot be removed through their handles: drop them by identity.
-        for registry in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-            getattr(embedding, registry, {}).pop(hook_id, None)
-    for owner in module.modules():
-        if getattr(owner, "_require_grads_hooks", None):
-            owner._require_grads_hooks = []
+    reentrant = _compat.reentrant_checkpointing(module)
+    _compat.remove_input_grad_hooks(module, found)
     if reentrant and tuner._cofitune_window_hook is None:
         tuner._cofitune_window_hook = layer_module.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
         logger.info(
@@ -327,34 +332,6 @@ def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
             "CoFiTune: removed the input-require-grads hook; layers below %d stay out of the backward pass.", lowest
         )
     return None
-
-
-_INPUT_GRAD_HOOK_NAMES = ("make_inputs_require_grads", "make_inputs_require_grad")
-
-
-def _input_embeddings(model: nn.Module) -> list[nn.Module]:
-    found = {}
-    for m in model.modules():
-        getter = getattr(m, "get_input_embeddings", None)
-        if getter is None:
-            continue
-        try:
-            emb = getter()
-        except (NotImplementedError, AttributeError):
-            continue
-        if isinstance(emb, nn.Module):
-            found[id(emb)] = emb
-    return list(found.values())
-
-
-def _input_grad_hooks(embeddings: list[nn.Module]) -> list[tuple[nn.Module, int]]:
-    """The forward hooks that transformers/PEFT/TRL put on the input embeddings to make their output require grad."""
-    return [
-        (emb, hook_id)
-        for emb in embeddings
-        for hook_id, fn in emb._forward_hooks.items()
-        if getattr(fn, "__name__", "") in _INPUT_GRAD_HOOK_NAMES
-    ]
 
 
 def _inputs_require_grad(module, args, kwargs):
@@ -383,18 +360,58 @@ def _lowest_trainable_layer(tuner: CoFiTuneModel) -> tuple[int, nn.Module] | Non
             except CoFiTuneError:
                 patterns.add("layers")
     for pattern in patterns:
-        layers = _decoder_layers(tuner.model, pattern)
+        layers = decoder_layers(tuner.model, pattern)
         for index in sorted(layers):
             if any(p.requires_grad for p in layers[index].parameters()):
                 return index, layers[index]
     return None
 
 
-def _reentrant_checkpointing(model: nn.Module) -> bool:
-    for m in model.modules():
-        if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
-            func = m._gradient_checkpointing_func
-            keywords = getattr(func, "keywords", {}) or {}
-            # torch.utils.checkpoint treats a missing use_reentrant as True (with a warning)
-            return keywords.get("use_reentrant", True) is not False
-    return False
+def set_importance(model: nn.Module, importance: Importance | str | os.PathLike | None, adapter_name: str | None = None):
+    """Install (or, with `None`, remove) the soft mask of a CoFiTune adapter from `importance`.
+
+    The data-driven step as its own call on the model, like PEFT's `initialize_lora_eva_weights`: build the adapter
+    with `get_peft_model(model, CoFiTuneConfig(...))`, estimate the importance, then call this. The trained deltas are
+    untouched; the per-row scales are rebuilt and saved with the adapter.
+
+    Args:
+        model: a `PeftModel` with a CoFiTune adapter (or the `CoFiTuneModel` inside one, possibly wrapped by DDP).
+        importance (`Importance | str | None`): an `Importance`, a path to an importance file, or `None`.
+        adapter_name (`str`, *optional*): defaults to the active adapter.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from peft import get_peft_model
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from cofitune_peft import CoFiTuneConfig, Importance, set_importance
+    >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+    ...                                      num_attention_heads=4, vocab_size=64))
+    >>> model = get_peft_model(base, CoFiTuneConfig(layers=(1, 3)))
+    >>> set_importance(model, Importance(intermediate=torch.rand(4, 48), output=torch.rand(4, 32)))
+    >>> model.base_model.mask_statistics()["mask_mean_scale"] < 1.0
+    True
+    ```
+    """
+    tuner = find_tuner(model)
+    if tuner is None:
+        raise CoFiTuneError(
+            f"`model` ({type(model).__name__}) has no CoFiTune adapter; wrap it with "
+            "`get_peft_model(model, CoFiTuneConfig(...))` first."
+        )
+    tuner.set_importance(importance, adapter_name)
+
+
+def find_tuner(model) -> CoFiTuneModel | None:
+    """The `CoFiTuneModel` inside `model` (a PeftModel, possibly wrapped by DDP/accelerate), or None."""
+    seen = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, CoFiTuneModel):
+            return model
+        base = getattr(model, "base_model", None)
+        if isinstance(base, CoFiTuneModel):
+            return base
+        model = getattr(model, "module", None)  # DDP / FSDP wrappers
+    return None

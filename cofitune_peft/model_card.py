@@ -6,12 +6,12 @@ import os
 
 from huggingface_hub import ModelCard
 
+from .config import CoFiTuneConfig
+
 HEADING = "## CoFiTune"
 
 
 def _section(peft_model) -> str:
-    from .config import CoFiTuneConfig
-
     lines = [HEADING, ""]
     lines.append(
         "This adapter was trained with [cofitune-peft](https://pypi.org/project/cofitune-peft/), an implementation of "
@@ -41,6 +41,7 @@ def _section(peft_model) -> str:
 
 
 def write_cofitune_section(peft_model, output_dir: str) -> None:
+    """Add (or replace) the CoFiTune section of the model card in `output_dir`."""
     path = os.path.join(output_dir, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard("")
     tags = set(card.data.tags or [])

@@ -1,6 +1,6 @@
 """A real coarse search on SmolLM2-135M-Instruct: which layer window and modules learn arithmetic and forget least?
 
-The same data as `cofitune demo` (cofitune_peft.data, all offline): speciality is two-operand arithmetic ("What is
+The same data as `cofitune demo` (cofitune_peft.kit.data, all offline): speciality is two-operand arithmetic ("What is
 89 - 16?"), which the base model mostly gets wrong, scored by numeric exact match on held-out questions; versatility
 is country-capital probes (short answer and multiple choice) from the CIA World Factbook plus the cross-entropy drift
 and KL to the base model on held-out factbook/pydoc prose.
@@ -20,10 +20,10 @@ import time
 import torch
 
 import cofitune_peft  # noqa: F401  (registers CoFiTune with PEFT)
-from cofitune_peft.data import arithmetic_task, capital_probes, extract_number, general_texts
-from cofitune_peft.evaluation import SpecialityEval, VersatilityEval
-from cofitune_peft.models import load_smollm2
-from cofitune_peft.search import LEVELS, search_layers
+from cofitune_peft.kit.data import arithmetic_task, capital_probes, extract_number, general_texts
+from cofitune_peft.kit.evaluation import SpecialityEval, VersatilityEval
+from cofitune_peft.kit.loading import load_smollm2
+from cofitune_peft.kit.search import LEVELS, search_layers
 
 
 def main() -> None:

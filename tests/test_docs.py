@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import cofitune_peft
-from cofitune_peft.cli import COMMANDS, build_parser
+from cofitune_peft.kit.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -126,9 +126,9 @@ def test_every_cli_subcommand_and_flag_is_in_the_api_reference(command):
 
 
 def _documented_callables() -> dict[str, object]:
-    from cofitune_peft.data import answer_matches, arithmetic_task, capital_probes, general_texts, to_messages
-    from cofitune_peft.evaluation import speciality_score, unified_score, versatility_score
-    from cofitune_peft.models import load_smollm2
+    from cofitune_peft.kit.data import answer_matches, arithmetic_task, capital_probes, general_texts, to_messages
+    from cofitune_peft.kit.evaluation import speciality_score, unified_score, versatility_score
+    from cofitune_peft.kit.loading import load_smollm2
 
     # CoFiTuneModel and CoFiTuneLayer are built by PEFT (get_peft_model), and an exception takes only a message:
     # their constructors are not user API.

@@ -12,7 +12,7 @@ import torch
 from tiny_models import ARCHS, tiny_model
 
 from cofitune_peft.architectures import dims_of, spec_for
-from cofitune_peft.cli import build_parser, main
+from cofitune_peft.kit.cli import build_parser, main
 from cofitune_peft.errors import CoFiTuneError
 from cofitune_peft.estimation import _estimate_raw, estimate_importance
 from cofitune_peft.importance import Importance

@@ -10,7 +10,7 @@ from tiny_models import tiny_model
 from torch import nn
 
 from cofitune_peft import CoFiTuneError
-from cofitune_peft.evaluation import (
+from cofitune_peft.kit.evaluation import (
     SpecialityEval,
     VersatilityEval,
     answers_match,
@@ -218,7 +218,7 @@ def test_speciality_bad_inputs():
 
 
 def test_chat_template_formats_prompts_for_generation():
-    from cofitune_peft.training import encode_example, render_prompt
+    from cofitune_peft.kit.training import encode_example, render_prompt
 
     tok = char_tokenizer(chat=True)
     assert render_prompt(tok, "Hi") == "<user>Hi\n<assistant>"

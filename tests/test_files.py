@@ -196,10 +196,10 @@ def test_importance_from_another_model_error_names_the_file(foreign_importance):
 
 def test_saved_files_get_the_usual_permissions(tmp_path):
     """Temp-file writes (mkstemp: 0600) must not leave adapters or importance files unreadable to others."""
-    from cofitune_peft._files import FILE_MODE
+    from cofitune_peft.utils import file_mode
 
     pm = get_peft_model(tiny_model(), CoFiTuneConfig(layers=(2, 4), init_weights=False))
     pm.save_pretrained(tmp_path / "adapter")
     Importance(intermediate=torch.rand(8, 48)).save(tmp_path / "importance.safetensors")
     files = [*(tmp_path / "adapter").iterdir(), tmp_path / "importance.safetensors"]
-    assert {f.stat().st_mode & 0o777 for f in files} == {FILE_MODE}
+    assert {f.stat().st_mode & 0o777 for f in files} == {file_mode()}

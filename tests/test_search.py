@@ -14,9 +14,9 @@ from test_evaluation import GENERAL, char_tokenizer
 from tiny_models import tiny_model
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
-from cofitune_peft.evaluation import SpecialityEval, VersatilityEval, unified_score
-from cofitune_peft.search import SearchResult, candidate_key, paper_windows, refine_windows, search_layers
-from cofitune_peft.training import IGNORE_INDEX, encode_example, train_sft
+from cofitune_peft.kit.evaluation import SpecialityEval, VersatilityEval, unified_score
+from cofitune_peft.kit.search import SearchResult, candidate_key, paper_windows, refine_windows, search_layers
+from cofitune_peft.kit.training import IGNORE_INDEX, encode_example, train_sft
 
 N = 8
 TRAIN = [{"prompt": f"What is {a} + {b}?", "completion": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
@@ -290,7 +290,7 @@ def test_empty_training_set_raises(tmp_path):
 
 
 def test_cli_search_and_report(tmp_path, capsys):
-    from cofitune_peft.cli import main
+    from cofitune_peft.kit.cli import main
 
     model_dir = tmp_path / "model"
     tiny_model("llama", num_layers=N).save_pretrained(model_dir)
@@ -392,7 +392,7 @@ def test_minimal_real_search_on_smollm2(tmp_path):
     import pydoc_data.topics
     import random
 
-    from cofitune_peft.models import load_smollm2
+    from cofitune_peft.kit.loading import load_smollm2
 
     _, tok = load_smollm2()
     rng = random.Random(0)

@@ -22,7 +22,7 @@ LAYERS, HEADS, KV_HEADS, HIDDEN, FFN = 30, 9, 3, 576, 1536
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from cofitune_peft.models import load_smollm2
+    from cofitune_peft.kit.loading import load_smollm2
 
     return load_smollm2()
 
@@ -30,7 +30,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def importance(smollm2):
     """Importance from real general text (factbook and pydoc prose), the `importance` split."""
-    from cofitune_peft.data import general_texts
+    from cofitune_peft.kit.data import general_texts
 
     model, tokenizer = smollm2
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -43,7 +43,7 @@ def importance(smollm2):
 
 
 def fresh(smollm2):
-    from cofitune_peft.models import load_smollm2
+    from cofitune_peft.kit.loading import load_smollm2
 
     return load_smollm2()[0]
 
@@ -97,7 +97,7 @@ def test_cofitune_trains_saves_loads_and_merges(smollm2, importance, tmp_path):
         f"""
         import torch, cofitune_peft
         from peft import PeftModel
-        from cofitune_peft.models import load_smollm2
+        from cofitune_peft.kit.loading import load_smollm2
         torch.set_num_threads(1)
         saved = torch.load({str(tmp_path / "expected.pt")!r})
         model = PeftModel.from_pretrained(load_smollm2()[0], {str(tmp_path / "adapter")!r}).eval()
@@ -121,7 +121,7 @@ def test_sft_trainer_with_real_importance(smollm2, importance, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from cofitune_peft.data import arithmetic_task
+    from cofitune_peft.kit.data import arithmetic_task
 
     _, tokenizer = smollm2
     train, _ = arithmetic_task(n_train=16, n_test=1)

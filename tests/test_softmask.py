@@ -11,7 +11,7 @@ from tiny_models import batch, tiny_model
 
 from cofitune_peft import CoFiTuneConfig, Importance
 from cofitune_peft.architectures import ARCHITECTURES, dims_of
-from cofitune_peft.masking import kv_head_importance, module_scale, normalize
+from cofitune_peft.importance import kv_head_importance, module_scale, normalize
 
 L, H, KV, HD, D, INTER = 8, 4, 2, 8, 32, 48
 

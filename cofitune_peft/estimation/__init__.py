@@ -8,13 +8,11 @@ gradients. The pieces:
 - `gates`: the virtual gates and the injected dropout, as hooks on stock transformers modules, and the KL proxy;
 - `batches`: the examples (texts, chat messages, or a DataLoader of token ids) as batches, split over ranks;
 - `estimate`: `estimate_importance`, which accumulates the gates' gradients into an `Importance`;
-- `commands`: the `cofitune importance` command.
 """
 
 from __future__ import annotations
 
-from .commands import add_importance_arguments, importance_command
 from .estimate import ACCUMULATE, estimate_importance
 from .estimate import _estimate_raw as _estimate_raw
 
-__all__ = ["ACCUMULATE", "add_importance_arguments", "estimate_importance", "importance_command"]
+__all__ = ["ACCUMULATE", "estimate_importance"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import ArchSpec, dims_of, layer_index_regex
+from ..architectures import ArchSpec, dims_of, layer_modules
 from ..errors import CoFiTuneError
 
 
@@ -101,15 +101,13 @@ class _Gates:
 
 def _modules_by_layer(model: nn.Module, spec: ArchSpec, num_layers: int) -> tuple[list[nn.Module], list[nn.Module]]:
     """The attention output and FFN down projections of each decoder layer (base layers of PEFT tuner layers)."""
-    pattern = layer_index_regex(spec.layers_pattern)
     found: dict[str, dict[int, nn.Module]] = {spec.attn_out: {}, spec.ffn_down: {}}
-    for key, module in model.named_modules():
-        match = pattern.search(key)
-        if match is None or match.group(2) not in found:
+    for _key, layer, inner, module in layer_modules(model, spec.layers_pattern):
+        if inner not in found:
             continue
         if hasattr(module, "get_base_layer"):
             module = module.get_base_layer()
-        found[match.group(2)][int(match.group(1))] = module
+        found[inner][layer] = module
     for name, by_layer in found.items():
         if sorted(by_layer) != list(range(num_layers)):
             raise CoFiTuneError(

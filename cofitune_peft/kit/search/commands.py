@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 from ..evaluation import SpecialityEval, VersatilityEval
 from .result import SearchResult
 from .tree import LEVELS, search_layers
@@ -46,7 +46,7 @@ def read_general_text(path: str, min_chars: int = 800) -> list[str]:
 
 def _model_loader(name: str):
     if name in ("smollm2", "smollm2-135m-instruct"):
-        from ..models import load_smollm2
+        from ..loading import load_smollm2
 
         return load_smollm2, load_smollm2()[1]
     from transformers import AutoModelForCausalLM, AutoTokenizer

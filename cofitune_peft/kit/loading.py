@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from .errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -7,7 +7,7 @@ The paper picks the trained (window, module) by an "empirical tree search" and r
 3. `refine`: the best candidate's window shifted down/up, shrunk and grown by ~N/8.
 
 Every candidate trains a fresh model with the same data, steps, batch and seed (`train_sft`), and is scored by
-Spec., Vers. and Uni. (`cofitune_peft.evaluation`) against the base model and a full fine-tuning reference. Results
+Spec., Vers. and Uni. (`cofitune_peft.kit.evaluation`) against the base model and a full fine-tuning reference. Results
 are written per candidate as JSON (atomically), so an interrupted search resumes where it stopped.
 
 The modules:

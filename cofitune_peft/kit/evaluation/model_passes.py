@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 from ..training import IGNORE_INDEX, collate, has_chat_template, pad_id_of, render_prompt
 
 

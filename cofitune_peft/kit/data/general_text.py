@@ -13,7 +13,7 @@ import random
 import re
 from typing import TYPE_CHECKING
 
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 from .factbook import _SPACE_RE, _factbook, _normalise, _text
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def general_texts(
     Example:
 
     ```python
-    >>> from cofitune_peft.data import general_texts
+    >>> from cofitune_peft.kit.data import general_texts
     >>> evaluation = general_texts(n=16, split="eval", seed=0)
     >>> importance = general_texts(split="importance")
     >>> set(evaluation["document"]) & set(importance["document"])

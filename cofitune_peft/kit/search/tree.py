@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..config import CoFiTuneConfig
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneConfig
+from cofitune_peft import CoFiTuneError
 from ..evaluation import SpecialityEval, VersatilityEval
 from ..training import train_sft
 from .result import SearchResult, _write_json
@@ -70,7 +70,7 @@ def candidate_key(window: tuple[int, int], modules: str) -> str:
 
 
 def _num_layers(model) -> int:
-    from ..architectures import count_layers, spec_for, text_config
+    from cofitune_peft.architectures import count_layers, spec_for, text_config
 
     try:
         found = count_layers(model, spec_for(model).layers_pattern)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def train_sft(
     ```python
     >>> from peft import get_peft_model
     >>> from cofitune_peft import CoFiTuneConfig
-    >>> from cofitune_peft.training import train_sft
+    >>> from cofitune_peft.kit.training import train_sft
     >>> model = get_peft_model(base, CoFiTuneConfig(layers=(7, 15)))  # doctest: +SKIP
     >>> stats = train_sft(model, [{"prompt": "What is 2 + 3?", "completion": "5"}] * 8, tokenizer=tok,
     ...                   steps=10, learning_rate=1e-4)  # doctest: +SKIP

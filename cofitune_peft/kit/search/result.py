@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..config import CoFiTuneConfig
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneConfig
+from cofitune_peft import CoFiTuneError
 from ..evaluation import speciality_score, unified_score, versatility_score
 
 TABLE_COLUMNS = ["window", "modules", "Spec.", "Vers.", "Uni.", "cost (s)", "level", "speciality", "versatility"]

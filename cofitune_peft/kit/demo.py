@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def _rows(dataset) -> list[dict]:
 def _fresh_model(method: str, importance, settings: DemoSettings):
     from peft import LoraConfig, get_peft_model
 
-    from .config import CoFiTuneConfig
-    from .models import load_smollm2
+    from cofitune_peft import CoFiTuneConfig
+    from .loading import load_smollm2
 
     model, _ = load_smollm2()
     if method in ("base", "full_ft"):
@@ -96,9 +96,9 @@ def run_demo(
     from tqdm.auto import tqdm
 
     from .data import arithmetic_task, capital_probes, extract_number, general_texts
-    from .estimation import estimate_importance
+    from cofitune_peft import estimate_importance
     from .evaluation import SpecialityEval, VersatilityEval, speciality_score, unified_score
-    from .models import load_smollm2
+    from .loading import load_smollm2
     from .training import train_sft
 
     if "base" not in methods or "full_ft" not in methods:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 from .factbook import _factbook, _normalise, _text
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def answer_matches(text: str, answers: str | Sequence[str]) -> bool:
     Example:
 
     ```python
-    >>> from cofitune_peft.data import answer_matches
+    >>> from cofitune_peft.kit.data import answer_matches
     >>> answer_matches("The capital of Colombia is Bogota.", ["Bogotá"])
     True
     >>> answer_matches("Parisian cafés are famous.", "Paris")
@@ -158,7 +158,7 @@ def capital_probes(
     Example:
 
     ```python
-    >>> from cofitune_peft.data import capital_probes
+    >>> from cofitune_peft.kit.data import capital_probes
     >>> short = capital_probes(n=5, seed=0)
     >>> short[0]["prompt"].startswith("What is the capital of ")
     True

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from importlib import resources
 
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 
 _TAG_RE = re.compile(r"<[^>]+>")
 _SPACE_RE = re.compile(r"\s+")

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -83,7 +83,7 @@ def arithmetic_task(
     Example:
 
     ```python
-    >>> from cofitune_peft.data import arithmetic_task, extract_number
+    >>> from cofitune_peft.kit.data import arithmetic_task, extract_number
     >>> train, test = arithmetic_task(n_train=100, n_test=20, seed=0)
     >>> sorted(train.column_names)
     ['answer', 'completion', 'prompt']
@@ -173,7 +173,7 @@ def extract_number(text: str) -> str | None:
     Example:
 
     ```python
-    >>> from cofitune_peft.data import extract_number
+    >>> from cofitune_peft.kit.data import extract_number
     >>> extract_number("47 + 38 = 85")
     '85'
     >>> extract_number("The answer is 1,234.")
@@ -213,7 +213,7 @@ def to_messages(dataset: Dataset, style: str = "prompt_completion") -> Dataset:
     Example:
 
     ```python
-    >>> from cofitune_peft.data import arithmetic_task, to_messages
+    >>> from cofitune_peft.kit.data import arithmetic_task, to_messages
     >>> from trl.data_utils import is_conversational
     >>> train, _ = arithmetic_task(n_train=8, n_test=2)
     >>> chat = to_messages(train)

@@ -13,7 +13,7 @@ score, `Vers.` when the base model's versatility is zero.
 
 from __future__ import annotations
 
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 
 
 def speciality_score(tuned: float, base: float, full: float) -> float:

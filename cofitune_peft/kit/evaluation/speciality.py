@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..data import extract_number
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 from .answers import _as_number, answers_match, first_line
 from .model_passes import _check_tokenizer, generate_answers, option_logprobs
 

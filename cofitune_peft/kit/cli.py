@@ -11,14 +11,14 @@ import importlib
 import logging
 import sys
 
-from .errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "importance": ("cofitune_peft.estimation", "estimate unit importance (KL robustness proxy) and save it"),
-    "search": ("cofitune_peft.search", "coarse search for the layer window and modules"),
-    "report": ("cofitune_peft.search", "table and plot of a finished or partial search"),
-    "demo": ("cofitune_peft.demo", "the end-to-end experiment on SmolLM2-135M-Instruct"),
+    "importance": ("cofitune_peft.kit.importance_command", "estimate unit importance (KL robustness proxy) and save it"),
+    "search": ("cofitune_peft.kit.search.commands", "coarse search for the layer window and modules"),
+    "report": ("cofitune_peft.kit.search.commands", "table and plot of a finished or partial search"),
+    "demo": ("cofitune_peft.kit.demo", "the end-to-end experiment on SmolLM2-135M-Instruct"),
 }
 
 
@@ -26,12 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cofitune", description="CoFiTune as a PEFT method.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # not built yet
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         getattr(module, f"add_{name}_arguments")(p)
         p.set_defaults(func=getattr(module, f"{name}_command"))

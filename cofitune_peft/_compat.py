@@ -1,11 +1,17 @@
-"""The only module that touches PEFT internals.
+"""Every use of PEFT, transformers and torch internals in cofitune-peft, in one place, with the versions it was tested on.
 
-PEFT has no plugin route for new methods: `register_peft_method` refuses any name that is not a member of the
+1. Registration. PEFT has no plugin route for new methods: `register_peft_method` refuses any name that is not a member of the
 `PeftType` str-enum, and transformers' adapter loading calls `peft_config.peft_type.value`, so the type must be a real
 enum member. We add `PeftType.COFITUNE` at import time and then use the official registration. We also wrap
 `PeftModel.save_pretrained` (atomic writes for CoFiTune adapters), `PeftModel.load_adapter` (a damaged or mismatched
 adapter file is refused with an error that names it) and `PeftModel.create_or_update_model_card` (a model card that
 says what was trained); the wrappers pass every other PEFT method through untouched.
+
+2. `BufferDict`, PEFT's private per-adapter buffer container (`peft.tuners._buffer_dict`).
+
+3. Gradient checkpointing. Trainer/TRL call `enable_input_require_grads()`, which registers forward hooks on the input
+embeddings named `make_inputs_require_grads` (transformers keeps only the last handle), and whether checkpointing is
+reentrant is only visible in `_gradient_checkpointing_func.keywords`. The functions below find and remove those hooks.
 """
 
 from __future__ import annotations
@@ -21,12 +27,19 @@ import peft
 from packaging.version import Version
 from peft.utils import PeftType, register_peft_method
 
-from ._files import FILE_MODE
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+from .errors import CoFiTuneError
+from .utils import file_mode
+
+__all__ = ["BufferDict"]
 
 PEFT_TYPE_NAME = "COFITUNE"
 PREFIX = "cofitune_"
-# The PEFT releases this registration was tested against; outside them we warn rather than refuse.
+# The releases these internals were verified against (tests/test_compat.py); outside them we warn rather than refuse.
 TESTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
+TESTED = {"peft": "0.21.2", "transformers": "5.23", "torch": "2.13.0"}
 
 
 def _add_enum_member(enum_cls, name: str):
@@ -58,8 +71,11 @@ def is_registered() -> bool:
     return PEFT_TYPE_NAME in PeftType.__members__ and PeftType[PEFT_TYPE_NAME] in PEFT_TYPE_TO_CONFIG_MAPPING
 
 
-def register(config_cls, model_cls) -> None:
-    """Register CoFiTune with PEFT; safe to call any number of times."""
+def register(config_cls, model_cls, card_writer=None) -> None:
+    """Register CoFiTune with PEFT; safe to call any number of times.
+
+    `card_writer(peft_model, output_dir)` adds CoFiTune's section to the model card after PEFT wrote its own.
+    """
     import warnings
 
     version = Version(peft.__version__)
@@ -72,7 +88,7 @@ def register(config_cls, model_cls) -> None:
     peft_type()
     if not is_registered():
         register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
-    _wrap_peft_model()
+    _wrap_peft_model(card_writer)
 
 
 def _uses_cofitune(peft_model) -> bool:
@@ -86,8 +102,6 @@ def _atomic_save_pretrained(original):
         if not _uses_cofitune(self) or kwargs.get("is_main_process", True) is False:
             return original(self, save_directory, *args, **kwargs)
         if os.path.isfile(save_directory):
-            from .errors import CoFiTuneError
-
             raise CoFiTuneError(
                 f"`save_directory` must be a directory, got the file {save_directory!r}; pass a folder path."
             )
@@ -110,7 +124,7 @@ def _atomic_save_pretrained(original):
                 ordered = sorted(files, key=lambda n: (n.endswith(".json"), n == "README.md", n))
                 for name in ordered:
                     # writers that go through mkstemp leave 0600; give published files the usual permissions
-                    os.chmod(os.path.join(root, name), FILE_MODE)
+                    os.chmod(os.path.join(root, name), file_mode())
                     os.replace(os.path.join(root, name), os.path.join(dest_root, name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -140,8 +154,6 @@ def _local_cofitune_weights(model_id, subfolder: str | None) -> str | None:
 
 def check_safetensors_file(path: str) -> None:
     """Raise `CoFiTuneError` naming `path` unless its header parses and its size matches the tensors it declares."""
-    from .errors import CoFiTuneError
-
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
@@ -164,8 +176,6 @@ def check_safetensors_file(path: str) -> None:
 def _checked_load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, model_id, *args, **kwargs):
-        from .errors import CoFiTuneError
-
         weights = _local_cofitune_weights(model_id, kwargs.get("subfolder"))
         if weights is None:
             return original(self, model_id, *args, **kwargs)
@@ -181,21 +191,18 @@ def _checked_load_adapter(original):
     return load_adapter
 
 
-def _model_card(original):
+def _model_card(original, card_writer):
     @functools.wraps(original)
     def create_or_update_model_card(self, output_dir):
         original(self, output_dir)
-        if not _uses_cofitune(self):
-            return
-        from .model_card import write_cofitune_section
-
-        write_cofitune_section(self, output_dir)
+        if _uses_cofitune(self) and card_writer is not None:
+            card_writer(self, output_dir)
 
     create_or_update_model_card._cofitune_wrapped = True
     return create_or_update_model_card
 
 
-def _wrap_peft_model() -> None:
+def _wrap_peft_model(card_writer) -> None:
     from peft import PeftModel
 
     if not getattr(PeftModel.save_pretrained, "_cofitune_wrapped", False):
@@ -203,4 +210,58 @@ def _wrap_peft_model() -> None:
     if not getattr(PeftModel.load_adapter, "_cofitune_wrapped", False):
         PeftModel.load_adapter = _checked_load_adapter(PeftModel.load_adapter)
     if not getattr(PeftModel.create_or_update_model_card, "_cofitune_wrapped", False):
-        PeftModel.create_or_update_model_card = _model_card(PeftModel.create_or_update_model_card)
+        PeftModel.create_or_update_model_card = _model_card(PeftModel.create_or_update_model_card, card_writer)
+
+
+# ---------------------------------------------------------------------- gradient checkpointing
+
+_INPUT_GRAD_HOOK_NAMES = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def input_embeddings(model: nn.Module) -> list[nn.Module]:
+    """Every module that some `get_input_embeddings()` inside `model` returns (where the input-grad hooks go)."""
+    found = {}
+    for m in model.modules():
+        getter = getattr(m, "get_input_embeddings", None)
+        if getter is None:
+            continue
+        try:
+            emb = getter()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(emb, nn.Module):
+            found[id(emb)] = emb
+    return list(found.values())
+
+
+def input_grad_hooks(embeddings: list[nn.Module]) -> list[tuple[nn.Module, int]]:
+    """The forward hooks that transformers/PEFT/TRL put on the input embeddings to make their output require grad."""
+    return [
+        (emb, hook_id)
+        for emb in embeddings
+        for hook_id, fn in emb._forward_hooks.items()
+        if getattr(fn, "__name__", "") in _INPUT_GRAD_HOOK_NAMES
+    ]
+
+
+def remove_input_grad_hooks(model: nn.Module, found: list[tuple[nn.Module, int]]) -> None:
+    """Remove the hooks `input_grad_hooks` found, and the handles transformers keeps of them."""
+    for embedding, hook_id in found:
+        # transformers keeps only the handle of its last `enable_input_require_grads` call (and checkpointing
+        # calls it too), so earlier hooks cannot be removed through their handles: drop them by identity.
+        for registry in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            getattr(embedding, registry, {}).pop(hook_id, None)
+    for owner in model.modules():
+        if getattr(owner, "_require_grads_hooks", None):
+            owner._require_grads_hooks = []
+
+
+def reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether `model` has gradient checkpointing on with torch's reentrant implementation."""
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+            func = m._gradient_checkpointing_func
+            keywords = getattr(func, "keywords", {}) or {}
+            # torch.utils.checkpoint treats a missing use_reentrant as True (with a warning)
+            return keywords.get("use_reentrant", True) is not False
+    return False

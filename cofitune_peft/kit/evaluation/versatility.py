@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CoFiTuneError
+from cofitune_peft import CoFiTuneError
 from ..training import collate, pad_id_of
 from .model_passes import _check_tokenizer, _device_of
 from .speciality import SpecialityEval, _fingerprint

@@ -14,10 +14,10 @@ import re
 
 import torch
 
-from ..architectures import spec_for
-from ..errors import CoFiTuneError
-from ..importance import PARTS
-from .estimate import ACCUMULATE, estimate_importance
+from cofitune_peft.architectures import spec_for
+from cofitune_peft import CoFiTuneError
+from cofitune_peft.importance import PARTS
+from cofitune_peft.estimation import ACCUMULATE, estimate_importance
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _check_out_path(flag: str, path: str | None) -> None:
 
 def _load_model(path: str, gguf_file: str | None, dtype: torch.dtype):
     if path == "smollm2":
-        from ..models import load_smollm2
+        from .loading import load_smollm2
 
         return load_smollm2(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
