@@ -24,18 +24,28 @@ FORMAT = "cofitune-importance"
 FORMAT_VERSION = "1"
 
 
-def normalize(raw: torch.Tensor) -> torch.Tensor:
-    """Per-layer `|tanh((I - mean) / std)|`, in [0, 1) (the authors' normalisation).
+NORMALIZATIONS = ("abs_tanh", "one_sided")
 
-    A layer whose raw values are all equal carries no ranking, so it maps to 0 (no protection).
+
+def normalize(raw: torch.Tensor, method: str = "abs_tanh") -> torch.Tensor:
+    """Per-layer normalisation of raw scores into [0, 1), from `z = (I - mean) / std` within each layer.
+
+    `"abs_tanh"` is the authors' `|tanh(z)|`: it protects a unit far *below* its layer's mean as strongly as one far
+    above it. `"one_sided"` is `tanh(max(z, 0))`: only units above their layer's mean are protected. A layer whose raw
+    values are all equal carries no ranking, so it maps to 0 (no protection).
 
     Args:
         raw (`torch.Tensor`): `[layers, units]`.
+        method (`str`, *optional*, defaults to `"abs_tanh"`): one of `NORMALIZATIONS`.
     """
+    if method not in NORMALIZATIONS:
+        raise CoFiTuneError(f"`normalization` must be one of {NORMALIZATIONS}, got {method!r}.")
     raw = raw.double()
     mean = raw.mean(dim=1, keepdim=True)  # [layers, 1]
     std = raw.std(dim=1, keepdim=True, unbiased=True) if raw.shape[1] > 1 else torch.zeros_like(mean)
     z = torch.where(std > 0, (raw - mean) / std.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(raw))
+    if method == "one_sided":
+        return torch.tanh(z.clamp_min(0)).float()  # [layers, units]
     return torch.tanh(z).abs().float()  # [layers, units]
 
 
@@ -77,7 +87,9 @@ class Importance:
         intermediate (`torch.Tensor`, *optional*): `[layers, intermediate_size]`.
         output (`torch.Tensor`, *optional*): `[layers, hidden_size]`.
         normalized (`bool`, *optional*, defaults to `False`): `False` treats the values as raw scores and applies the
-            per-layer normalisation `|tanh((I - mean) / std)|`; `True` takes them as given (they must lie in [0, 1]).
+            per-layer normalisation (`normalization`); `True` takes them as given (they must lie in [0, 1]).
+        normalization (`str`, *optional*, defaults to `"abs_tanh"`): how raw scores are normalised: the authors'
+            `|tanh(z)|` or `"one_sided"` `tanh(max(z, 0))` (see `normalize`). Recorded in `metadata`.
         metadata (`dict[str, str]`, *optional*): free-form provenance (model, data, number of tokens), saved with it.
 
     Example:
@@ -96,14 +108,18 @@ class Importance:
     output: torch.Tensor | None = None
     normalized: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    normalization: str = "abs_tanh"
 
     def __post_init__(self):
         if not isinstance(self.normalized, bool):
             raise CoFiTuneError(f"`normalized` must be True or False, got {self.normalized!r}.")
+        if self.normalization not in NORMALIZATIONS:
+            raise CoFiTuneError(f"`normalization` must be one of {NORMALIZATIONS}, got {self.normalization!r}.")
+        raw = not self.normalized
         for part in PARTS:
             value = _check_tensor(part, getattr(self, part), self.normalized)
-            if value is not None and not self.normalized:
-                value = normalize(value)
+            if value is not None and raw:
+                value = normalize(value, self.normalization)
             setattr(self, part, value)
         present = {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
         if not present:
@@ -117,6 +133,8 @@ class Importance:
                 f"the parts of an `Importance` must have the same number of layers, got {layer_counts}."
             )
         self.metadata = {str(k): str(v) for k, v in (self.metadata or {}).items()}
+        if raw:
+            self.metadata["normalization"] = self.normalization
         # From here on, values are normalised.
         self.normalized = True
 
@@ -178,7 +196,7 @@ class Importance:
         moved = {p: v.to(*args, **kwargs) for p, v in self.parts().items()}
         out = Importance.__new__(Importance)
         out.heads, out.intermediate, out.output = (moved.get(p) for p in PARTS)
-        out.normalized, out.metadata = True, dict(self.metadata)
+        out.normalized, out.metadata, out.normalization = True, dict(self.metadata), self.normalization
         return out
 
     def summary(self) -> dict[str, dict[str, float]]:

@@ -23,11 +23,10 @@ _FILE_MODE: list[int] = []
 
 def _read_umask() -> int:
     # Linux reports the umask without changing it; elsewhere set-and-restore (a race only with other threads' umask).
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     umask = os.umask(0o022)
     os.umask(umask)
     return umask

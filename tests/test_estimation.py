@@ -12,10 +12,10 @@ import torch
 from tiny_models import ARCHS, tiny_model
 
 from cofitune_peft.architectures import dims_of, spec_for
-from cofitune_peft.kit.cli import build_parser, main
 from cofitune_peft.errors import CoFiTuneError
 from cofitune_peft.estimation import _estimate_raw, estimate_importance
 from cofitune_peft.importance import Importance
+from cofitune_peft.kit.cli import build_parser, main
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -360,3 +360,53 @@ def test_distributed_ranks_match_single_process(tmp_path, tok):
     expected = raw(tiny_model("llama", num_layers=2), TEXTS, tok, batch_size=1)
     for rank in range(2):
         assert_raw_equal(expected, torch.load(tmp_path / f"rank{rank}.pt"), rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------------ other signals, normalisations
+
+
+def test_fisher_signal_is_the_summed_squared_lm_loss_gradient_per_gate(tok):
+    """Fisher of one batch == (d LM-loss / d gate)^2 / tokens, computed by hand with an explicit gate on the FFN."""
+    model = tiny_model("llama", seed=3)
+    texts = TEXTS[:2]
+    got = raw(model, texts, tok, signal="fisher", parts=("intermediate",), batch_size=2)["intermediate"]
+    assert got.shape == (8, 48) and (got >= 0).all() and got.sum() > 0
+    # By hand: a gate on the input of layer 5's down projection, the LM loss summed over predicted tokens.
+    enc = tok(texts, return_tensors="pt", padding=True)
+    gate = torch.ones(48, requires_grad=True)
+    down = model.model.layers[5].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda m, args: (args[0] * gate,))
+    try:
+        logits = model(**enc).logits
+        targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, gate)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got[5], grad.square() / enc["attention_mask"].sum(), rtol=1e-4, atol=1e-9)
+
+
+def test_fisher_and_kl_rank_units_differently_but_both_normalise(tok):
+    model = tiny_model("llama", seed=3)
+    kl = estimate_importance(model, TEXTS, tokenizer=tok, progress=False, batch_size=3)
+    fisher = estimate_importance(model, TEXTS, tokenizer=tok, progress=False, batch_size=3, signal="fisher")
+    assert fisher.metadata["signal"] == "fisher" and kl.metadata["signal"] == "kl"
+    assert not torch.equal(kl.intermediate, fisher.intermediate)
+    assert float(fisher.intermediate.min()) >= 0 and float(fisher.intermediate.max()) < 1
+
+
+def test_one_sided_normalisation_protects_only_units_above_their_layer_mean():
+    raw_scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    two = Importance(intermediate=raw_scores).intermediate[0]
+    one = Importance(intermediate=raw_scores, normalization="one_sided").intermediate[0]
+    assert torch.equal(one[:3], torch.zeros(3))  # at or below the mean: no protection
+    torch.testing.assert_close(one[3:], two[3:])  # above it: as the authors' |tanh(z)|
+    assert two[0] == two[4] > 0  # the authors' form protects the lowest unit as much as the highest
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"signal": "ewc"}, "`signal`"), ({"normalization": "x"}, "`normalization`")]
+)
+def test_unknown_signal_or_normalisation_is_refused(tok, kwargs, match):
+    with pytest.raises(CoFiTuneError, match=match):
+        estimate_importance(tiny_model("llama"), TEXTS, tokenizer=tok, progress=False, **kwargs)

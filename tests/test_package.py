@@ -87,7 +87,11 @@ def test_the_kit_uses_only_the_public_api_of_the_core():
     for path in KIT.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("cofitune_peft"):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("cofitune_peft")
+            ):
                 module = node.module
                 if module.startswith("cofitune_peft.kit"):
                     continue
@@ -98,7 +102,9 @@ def test_the_kit_uses_only_the_public_api_of_the_core():
             if isinstance(node, ast.ImportFrom) and node.level > 0:
                 depth = len(path.relative_to(KIT).parts) - 1  # 0 for kit/x.py
                 if node.level > depth + 1 or (node.level == depth + 1 and path.name == "__init__.py" and depth == 0):
-                    private.setdefault(str(path.relative_to(ROOT)), []).append(f"relative import above the kit: {node.module}")
+                    private.setdefault(str(path.relative_to(ROOT)), []).append(
+                        f"relative import above the kit: {node.module}"
+                    )
     assert private == {}
 
 
@@ -128,9 +134,10 @@ FIXTURE = ROOT / "tests" / "fixtures" / "adapter_v0_1_0"
 
 
 def test_an_adapter_saved_by_version_0_1_0_loads_with_the_same_logits():
-    import cofitune_peft  # noqa: F401  (registers COFITUNE)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    import cofitune_peft  # noqa: F401  (registers COFITUNE)
 
     base = AutoModelForCausalLM.from_pretrained(FIXTURE / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, FIXTURE / "adapter")

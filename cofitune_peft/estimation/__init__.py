@@ -12,7 +12,7 @@ gradients. The pieces:
 
 from __future__ import annotations
 
-from .estimate import ACCUMULATE, estimate_importance
+from .estimate import ACCUMULATE, SIGNALS, estimate_importance
 from .estimate import _estimate_raw as _estimate_raw
 
-__all__ = ["ACCUMULATE", "estimate_importance"]
+__all__ = ["ACCUMULATE", "SIGNALS", "estimate_importance"]

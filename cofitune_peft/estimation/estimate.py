@@ -20,11 +20,12 @@ from ..architectures import spec_for
 from ..errors import CoFiTuneError
 from ..importance import PARTS, Importance
 from .batches import _check_data, _describe, _loader_batches, _text_batches
-from .gates import _Gates, _kl_proxy
+from .gates import _Gates, _kl_proxy, _lm_loss
 
 logger = logging.getLogger(__name__)
 
 ACCUMULATE = ("abs", "signed")
+SIGNALS = ("kl", "fisher")
 
 
 @dataclass
@@ -34,8 +35,10 @@ class _Raw:
     num_samples: int
 
 
-def _validate(num_samples, batch_size, max_length, dropout, accumulate, parts) -> tuple[str, ...]:
+def _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, signal) -> tuple[str, ...]:
     problems = []
+    if signal not in SIGNALS:
+        problems.append(f"`signal` must be one of {SIGNALS}, got {signal!r}.")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         problems.append(f"`num_samples` must be a positive int or None, got {num_samples!r}.")
     for name, value in (("batch_size", batch_size), ("max_length", max_length)):
@@ -67,9 +70,10 @@ def _estimate_raw(
     parts: Sequence[str] = PARTS,
     text_field: str | None = None,
     progress: bool = True,
+    signal: str = "kl",
 ) -> _Raw:
     """The raw (un-normalised) scores behind `estimate_importance`; same arguments."""
-    parts = _validate(num_samples, batch_size, max_length, dropout, accumulate, parts)
+    parts = _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, signal)
     is_loader = _check_data(data, tokenizer)
     is_peft = hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
     base = model.get_base_model() if is_peft else model
@@ -98,7 +102,7 @@ def _estimate_raw(
             model.eval()
             for p, _ in flags:
                 p.requires_grad_(False)
-            gates = _Gates(base, spec, parts, float(dropout))
+            gates = _Gates(base, spec, parts, float(dropout) if signal == "kl" else 0.0)
             flat = gates.flat()
             sums = [torch.zeros_like(g) for g in flat]
             num_tokens = num_seen = 0
@@ -106,7 +110,8 @@ def _estimate_raw(
             for input_ids, attention_mask, n in batches:
                 digest = zlib.crc32(input_ids.to(torch.int64).cpu().numpy().tobytes())
                 gates.reseed((seed * 0x9E3779B97F4A7C15 + digest) % 2**63)
-                loss = _kl_proxy(model, input_ids.to(device), attention_mask.to(device))
+                proxy = _kl_proxy if signal == "kl" else _lm_loss
+                loss = proxy(model, input_ids.to(device), attention_mask.to(device))
                 # autograd.grad returns this batch's gradient alone: no zeroing needed between batches.
                 grads = torch.autograd.grad(loss, flat, allow_unused=True)
                 if any(g is None for g in grads):
@@ -115,7 +120,10 @@ def _estimate_raw(
                         "its attention or FFN does not call the modules named in `architectures.ARCHITECTURES`."
                     )
                 for acc, grad in zip(sums, grads):
-                    acc += grad.abs() if accumulate == "abs" else grad
+                    if signal == "fisher":
+                        acc += grad.square()
+                    else:
+                        acc += grad.abs() if accumulate == "abs" else grad
                 num_tokens += int(attention_mask.sum())
                 num_seen += n
                 bar.update(n)
@@ -166,6 +174,8 @@ def estimate_importance(
     parts: Sequence[str] = PARTS,
     text_field: str | None = None,
     progress: bool = True,
+    signal: str = "kl",
+    normalization: str = "abs_tanh",
 ) -> Importance:
     """Estimate the importance of attention heads, FFN intermediate units and FFN outputs with the KL proxy.
 
@@ -197,6 +207,11 @@ def estimate_importance(
         parts (`Sequence[str]`, *optional*, defaults to all): which of `"heads"`, `"intermediate"`, `"output"`.
         text_field (`str`, *optional*): the field holding the text (or messages) of each example.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar (on rank 0).
+        signal (`str`, *optional*, defaults to `"kl"`): `"kl"`, the KL robustness proxy above (the paper's); or
+            `"fisher"`, the squared gradient of the language-model loss on `data` with respect to each gate, summed
+            per batch (an empirical Fisher per unit, as EWC uses; no dropout is injected and `accumulate` is ignored).
+        normalization (`str`, *optional*, defaults to `"abs_tanh"`): the per-layer normalisation of the raw scores,
+            `"abs_tanh"` (the authors' `|tanh(z)|`) or `"one_sided"` (`tanh(max(z, 0))`), see `Importance`.
 
     Returns:
         `Importance`: per-layer normalised importance; `metadata` records model, data, num_tokens, num_samples,
@@ -205,9 +220,10 @@ def estimate_importance(
     Example:
 
     ```python
-    >>> from cofitune_peft.estimation import estimate_importance
-    >>> from cofitune_peft.models import load_smollm2
-    >>> model, tokenizer = load_smollm2()
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from cofitune_peft import estimate_importance
+    >>> model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    >>> tokenizer = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
     >>> imp = estimate_importance(model, ["The capital of France is Paris."] * 4, tokenizer=tokenizer, progress=False)
     >>> tuple(imp.intermediate.shape)
     (30, 1536)
@@ -226,6 +242,7 @@ def estimate_importance(
         parts=parts,
         text_field=text_field,
         progress=progress,
+        signal=signal,
     )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
@@ -237,6 +254,7 @@ def estimate_importance(
         "dropout": dropout,
         "accumulate": accumulate,
         "seed": seed,
+        "signal": signal,
     }
     logger.info("importance estimated on %d examples (%d tokens)", raw.num_samples, raw.num_tokens)
-    return Importance(**raw.parts, normalized=False, metadata=metadata)
+    return Importance(**raw.parts, normalized=False, metadata=metadata, normalization=normalization)

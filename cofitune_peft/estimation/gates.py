@@ -66,6 +66,8 @@ class _Gates:
         self.handles.clear()
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout == 0:
+            return x
         gen = self._generators.get(x.device)
         if gen is None:
             gen = self._generators[x.device] = torch.Generator(device=x.device).manual_seed(self._seed)
@@ -130,3 +132,10 @@ def _kl_proxy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     logp = F.log_softmax(logits.float(), dim=-1)
     kl = F.kl_div(logp[:batch], logp[batch:], log_target=True, reduction="none").sum(-1)  # [batch, seq]
     return (kl * attention_mask.to(kl.dtype)).sum()
+
+
+def _lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The language-model cross-entropy, summed over predicted non-padding tokens (for the Fisher signal)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [batch, seq, vocab]
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
