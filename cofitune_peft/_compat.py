@@ -265,3 +265,152 @@ def reentrant_checkpointing(model: nn.Module) -> bool:
             # torch.utils.checkpoint treats a missing use_reentrant as True (with a warning)
             return keywords.get("use_reentrant", True) is not False
     return False
+
+
+# ---------------------------------------------------------------------- mixed-adapter batches (peft 0.21.2)
+# `PeftModel.forward`/`generate` pass `adapter_names=` to the tuner's `_enable_peft_forward_hooks` context manager
+# (peft/peft_model.py); LoRA (peft/tuners/lora/model.py) injects them into every tuner layer and every
+# `AuxiliaryTrainingWrapper` (modules_to_save, trainable tokens) through forward pre-hooks. We do the same.
+
+
+def mixed_batch_modules(model: nn.Module, layer_cls: type) -> list[nn.Module]:
+    """The modules of `model` that take `adapter_names=`: tuner layers of `layer_cls` and PEFT's auxiliary wrappers."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return [m for m in model.modules() if isinstance(m, (layer_cls, AuxiliaryTrainingWrapper))]
+
+
+def adapter_names_pre_hook(module: nn.Module, args, kwargs, adapter_names: list[str]):
+    """Forward pre-hook (`with_kwargs=True`) that adds `adapter_names` to the module's forward kwargs."""
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+# ---------------------------------------------------------------------- autocast and quantized bases
+#
+# 4. The lean masked linear (layer.py) does its own casting, so it reads the autocast state of the input's device
+# (`torch.is_autocast_enabled(device_type)` / `torch.get_autocast_dtype`, torch >= 2.4).
+#
+# 5. Quantized bases. bitsandbytes `Linear4bit` (weight `Params4bit`: two 4-bit values per byte, the real shape in
+# `weight.quant_state.shape`) and `Linear8bitLt` (weight `Int8Params` [out, in] with row scales `SCB`, tested with
+# bitsandbytes 0.50.2 on CPU) are supported; we dequantize with PEFT's `dequantize_bnb_weight` and requantize the way
+# PEFT's LoRA bnb layers do (peft/tuners/lora/bnb.py). Every other quantization library is recognised by the module
+# path or class name of the layer or of its weight, without importing it, and refused by name.
+
+TESTED["bitsandbytes"] = "0.50.2"
+
+
+def autocast_dtype(device_type: str):
+    """The dtype autocast computes in on `device_type`, or None when autocast is off there."""
+    import torch
+
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+BNB_4BIT = "bitsandbytes 4-bit"
+BNB_8BIT = "bitsandbytes 8-bit"
+
+# (library, how its layers and weights are named): module-path prefixes and class-name prefixes
+_QUANTIZED_LIBRARIES = (
+    ("GPTQ", ("auto_gptq", "gptqmodel", "optimum.gptq", "exllama"), ("QuantLinear", "GPTQ", "Exllama", "Marlin")),
+    ("AWQ", ("awq", "autoawq"), ("WQLinear", "AWQ")),
+    ("HQQ", ("hqq",), ("HQQLinear",)),
+    ("EETQ", ("eetq",), ("EetqLinear", "EETQ")),
+    ("torchao", ("torchao",), ()),
+    ("quanto", ("optimum.quanto", "quanto"), ("QLinear", "QBytesTensor", "WeightQBytesTensor")),
+    ("AQLM", ("aqlm",), ("QuantizedLinear",)),
+    ("compressed-tensors", ("compressed_tensors",), ("CompressedLinear",)),
+    ("FP8", (), ("FP8Linear", "FbgemmFp8Linear", "Fp8Linear")),
+    ("bitsandbytes", ("bitsandbytes",), ()),
+)
+_PLAIN_FLOAT = ("float16", "bfloat16", "float32", "float64")
+
+
+def _named_by(obj, prefixes: tuple[str, ...], class_prefixes: tuple[str, ...]) -> bool:
+    cls = type(obj)
+    path = cls.__module__ or ""
+    return any(path == p or path.startswith(p + ".") for p in prefixes) or cls.__name__.startswith(class_prefixes)
+
+
+def quantization_of(module: nn.Module) -> str | None:
+    """`BNB_4BIT`, `BNB_8BIT`, another library's name (GPTQ, AWQ, ...) or None for a plain floating-point weight."""
+    weight = getattr(module, "weight", None)
+    weight_cls = type(weight).__name__
+    if _named_by(module, ("bitsandbytes",), ()):
+        if weight_cls == "Params4bit":
+            return BNB_4BIT
+        if weight_cls == "Int8Params":
+            return BNB_8BIT
+    for library, prefixes, class_prefixes in _QUANTIZED_LIBRARIES:
+        if _named_by(module, prefixes, class_prefixes) or (weight is not None and _named_by(weight, prefixes, ())):
+            return library
+    if hasattr(module, "qweight") or hasattr(module, "W_q"):  # GPTQ/AWQ-style packed weights, HQQ
+        return "an unknown quantization library"
+    if weight is not None and str(getattr(weight, "dtype", "")).replace("torch.", "") not in _PLAIN_FLOAT:
+        return "an unknown quantization library"
+    return None
+
+
+def unsupported_quantization_message(key: str, module: nn.Module, library: str) -> str:
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    found = f"`{cls.__module__}.{cls.__qualname__}`"
+    if weight is not None:
+        found += f" with a {type(weight).__name__} weight of dtype {getattr(weight, 'dtype', '?')}"
+    return (
+        f"module {key!r} is {found}, quantized by {library}; CoFiTune trains a full-size delta on a plain "
+        "floating-point or bitsandbytes base weight and cannot read this layer's packed weight. Load the model in "
+        "bf16/fp32 (`torch_dtype=torch.bfloat16`, no `quantization_config`), or quantize it with bitsandbytes "
+        "(`BitsAndBytesConfig(load_in_4bit=True)` or `load_in_8bit=True`), which CoFiTune supports."
+    )
+
+
+def weight_shape(weight):
+    """A weight's logical shape: a bitsandbytes 4-bit weight stores [out * in / 2, 1] bytes, its real shape lives in
+    `quant_state.shape`; under DeepSpeed ZeRO-3 the local tensor is empty and the shape is `ds_shape`."""
+    import torch
+
+    shape = getattr(weight, "ds_shape", None)
+    if shape is not None:
+        return torch.Size(shape)
+    quant_state = getattr(weight, "quant_state", None)
+    if type(weight).__name__ == "Params4bit" and getattr(quant_state, "shape", None) is not None:
+        return torch.Size(quant_state.shape)
+    return weight.shape
+
+
+def bnb_compute_dtype(module: nn.Module):
+    """The dtype a bitsandbytes 4-bit layer computes in (None: the input's dtype, and for 8-bit layers)."""
+    return getattr(module, "compute_dtype", None)
+
+
+def dequantize_bnb(module: nn.Module):
+    """The dense weight [out, in] of a bitsandbytes `Linear4bit`/`Linear8bitLt` (a new tensor)."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        return dequantize_bnb_weight(weight, state=weight.quant_state)
+    state = module.state
+    if state.SCB is None:
+        state.SCB = weight.SCB
+    return dequantize_bnb_weight(weight, state=state)
+
+
+def requantize_bnb(module: nn.Module, dense) -> None:
+    """Replace the weight of a bitsandbytes layer by `dense` [out, in], quantized with the layer's own settings."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs["bnb_quantized"] = False
+        kwargs["requires_grad"] = False
+        module.weight = bnb.nn.Params4bit(dense.to("cpu"), **kwargs).to(weight.device)
+    else:
+        module.weight = bnb.nn.Int8Params(
+            dense.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
+        ).to(weight.device)
+        module.state.reset_grads()

@@ -28,6 +28,12 @@ class CoFiTuneConfig(PeftConfig):
         layers (`tuple[int, int]`, *optional*, defaults to `None`):
             The paper's window "(a, b]", i.e. the 0-based layers `a .. b-1` (`range(a, b)`). `None` picks the paper's
             default `(N // 4, N // 2)` for an N-layer model; the resolved window is written back and saved.
+            The contiguous shorthand of `layers_to_transform`.
+        layers_to_transform (`list[int] | int`, *optional*, defaults to `None`):
+            PEFT's name for the layers to adapt: any list of 0-based decoder-layer indices (or one index), e.g.
+            `[2, 3, 7]`. Giving both `layers` and `layers_to_transform` is an error unless they name the same layers.
+            When the indices are contiguous, `layers` is filled in with the equivalent window once the adapter is
+            built.
         target_modules (`str | list[str]`, *optional*, defaults to `"ffn"`):
             A shorthand (`"ffn"`: up and down projections, as the paper; `"ffn+gate"`; `"mha"`: q, k, v;
             `"ffn+mha"`; `"mha+o"`; `"all"`), a list of roles (`"q"`, `"k"`, `"v"`, `"o"`, `"gate"`, `"up"`, `"down"`),
@@ -68,12 +74,18 @@ class CoFiTuneConfig(PeftConfig):
     >>> from cofitune_peft import CoFiTuneConfig
     >>> CoFiTuneConfig(layers=(10, 20)).layers
     (10, 20)
+    >>> CoFiTuneConfig(layers_to_transform=[12, 3, 7]).layer_indices()
+    [3, 7, 12]
     ```
     """
 
     layers: tuple[int, int] | None = field(
         default=None,
         metadata={"help": "0-based window (a, b): trains layers a..b-1. None: (N//4, N//2) of an N-layer model."},
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={"help": "0-based decoder-layer indices to train (any list, or one int); PEFT's name for `layers`."},
     )
     target_modules: str | list[str] | None = field(
         default="ffn",
@@ -122,6 +134,7 @@ class CoFiTuneConfig(PeftConfig):
                     f"`layers` must be a non-empty window (a, b) with a < b (it trains layers a..b-1), "
                     f"got {self.layers!r}."
                 )
+        problems += self._check_layers_to_transform()
         problems += self._check_target_modules()
         if self.softmask_mode not in SOFTMASK_MODES:
             problems.append(f"`softmask_mode` must be one of {SOFTMASK_MODES}, got {self.softmask_mode!r}.")
@@ -152,6 +165,45 @@ class CoFiTuneConfig(PeftConfig):
                 problems.append(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
         if problems:
             raise CoFiTuneError("Invalid CoFiTuneConfig:\n  - " + "\n  - ".join(problems))
+
+    def _check_layers_to_transform(self) -> list[str]:
+        ltt = self.layers_to_transform
+        if ltt is None:
+            return []
+        if isinstance(ltt, int) and not isinstance(ltt, bool):
+            ltt = [ltt]
+        elif isinstance(ltt, (tuple, range, set, frozenset)):
+            ltt = list(ltt)
+        if (
+            not isinstance(ltt, list)
+            or not ltt
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ltt)
+        ):
+            return [
+                "`layers_to_transform` must be None, a layer index or a non-empty list of layer indices, "
+                f"got {self.layers_to_transform!r}."
+            ]
+        negative = sorted({i for i in ltt if i < 0})
+        if negative:
+            return [f"`layers_to_transform` indices must be 0 or more, got {negative}."]
+        self.layers_to_transform = sorted(set(ltt))
+        window = self.layers
+        window_ok = isinstance(window, tuple) and len(window) == 2 and all(isinstance(x, int) for x in window)
+        if window_ok and window[0] < window[1] and set(range(*window)) != set(ltt):
+            a, b = self.layers
+            return [
+                f"`layers`={self.layers!r} (layers {a}..{b - 1}) and `layers_to_transform`="
+                f"{self.layers_to_transform} name different layers; give only one of them."
+            ]
+        return []
+
+    def layer_indices(self) -> list[int] | None:
+        """The decoder layers this config trains, sorted (None: the paper's default window, resolved on a model)."""
+        if self.layers_to_transform is not None:
+            return list(self.layers_to_transform)
+        if self.layers is not None:
+            return list(range(*self.layers))
+        return None
 
     def _check_target_modules(self) -> list[str]:
         tm = self.target_modules

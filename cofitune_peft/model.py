@@ -6,8 +6,10 @@ window of decoder layers; the fine level (the soft mask) lives in `layer.py`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from . import _compat
 from .architectures import (
@@ -52,8 +55,22 @@ class Plan:
 
     spec: ArchSpec
     dims: Dims
-    layers: tuple[int, int]
+    layers: tuple[int, ...]  # sorted decoder-layer indices
     entries: dict[str, PlanEntry]
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """The layers as a window `(a, b)` when they are contiguous, else None."""
+        a, b = self.layers[0], self.layers[-1] + 1
+        return (a, b) if self.layers == tuple(range(a, b)) else None
+
+
+def describe_layers(layers) -> str:
+    """`'2..4'` for contiguous indices, else the list: for messages."""
+    layers = sorted(layers)
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return str(layers)
 
 
 def default_window(num_layers: int) -> tuple[int, int]:
@@ -105,16 +122,11 @@ def build_plan(model: nn.Module, config: CoFiTuneConfig, importance: Importance 
             "of the ModuleList that holds the decoder layers."
         )
     num_layers = found_layers
-    layers = tuple(config.layers) if config.layers is not None else default_window(num_layers)
-    if not (0 <= layers[0] < layers[1] <= num_layers):
-        raise CoFiTuneError(
-            f"`layers` must lie within [0, {num_layers}) for this model ({num_layers} decoder layers), got {layers}; "
-            f"(a, b) trains layers a..b-1, so b may be at most {num_layers}."
-        )
-    targets = find_targets(model, spec, roles, range(*layers), names)
+    layers = _resolve_layers(config, num_layers)
+    targets = find_targets(model, spec, roles, frozenset(layers), names)
     if not targets:
         raise CoFiTuneError(
-            f"`target_modules`={config.target_modules!r} matched no module in layers {layers[0]}..{layers[1] - 1}; "
+            f"`target_modules`={config.target_modules!r} matched no module in layers {describe_layers(layers)}; "
             f"this architecture's trainable modules are {[m.name for m in spec.modules]}."
         )
     if importance is not None:
@@ -138,6 +150,27 @@ def build_plan(model: nn.Module, config: CoFiTuneConfig, importance: Importance 
     return Plan(spec=spec, dims=dims, layers=layers, entries=entries)
 
 
+def _resolve_layers(config: CoFiTuneConfig, num_layers: int) -> tuple[int, ...]:
+    """The sorted decoder-layer indices `config` trains on a model with `num_layers` layers."""
+    if config.layers_to_transform is None and config.layers is not None:
+        a, b = config.layers
+        if not (0 <= a < b <= num_layers):
+            raise CoFiTuneError(
+                f"`layers` must lie within [0, {num_layers}) for this model ({num_layers} decoder layers), got "
+                f"{(a, b)}; (a, b) trains layers a..b-1, so b may be at most {num_layers}."
+            )
+    indices = config.layer_indices()
+    if indices is None:
+        indices = list(range(*default_window(num_layers)))
+    outside = [i for i in indices if not 0 <= i < num_layers]
+    if outside:
+        raise CoFiTuneError(
+            f"`layers_to_transform` must hold indices within [0, {num_layers}) for this model ({num_layers} decoder "
+            f"layers), got {outside} outside it; drop those indices."
+        )
+    return tuple(indices)
+
+
 class CoFiTuneModel(BaseTuner):
     """The PEFT tuner of CoFiTune; create it with `peft.get_peft_model(model, CoFiTuneConfig(...))`."""
 
@@ -154,7 +187,9 @@ class CoFiTuneModel(BaseTuner):
         importance = resolve_importance(peft_config.pending_importance())
         self._cofitune_plan = build_plan(model, peft_config, importance)
         self._cofitune_pending = importance
-        peft_config.layers = self._cofitune_plan.layers
+        # The resolved window is written back (and saved), so the config says what was trained.
+        if peft_config.layers is None and self._cofitune_plan.window is not None:
+            peft_config.layers = self._cofitune_plan.window
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         plan = getattr(self, "_cofitune_plan", None)
@@ -297,6 +332,179 @@ class CoFiTuneModel(BaseTuner):
             return {"mask_mean_scale": 1.0, "mask_frac_below_0.1": 0.0}
         return {"mask_mean_scale": total / count, "mask_frac_below_0.1": low / count}
 
+    # ------------------------------------------------------------------ serving: weighted sums, mixed batches
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear"
+    ) -> None:
+        """Add `adapter_name`, whose change of each weight is `sum_i weights[i] * (masked change of adapters[i])`.
+
+        Exact, because CoFiTune's deltas are full rank: the new adapter covers the union of the adapters' layers and
+        modules (a module only some of them train gets zero change from the others), has no soft mask
+        (`softmask_mode="none"`) and holds the weighted sum of the effective deltas, soft masks included. Task
+        arithmetic is `weights=[1, 1]`. The new adapter is frozen and not activated; `PeftModel.add_weighted_adapter`
+        calls this.
+
+        Args:
+            adapters (`list[str]`): existing CoFiTune adapters, each at most once.
+            weights (`list[float]`): one finite weight per adapter (any sign).
+            adapter_name (`str`): the new adapter's name; must not exist yet.
+            combination_type (`str`, *optional*, defaults to `"linear"`): only `"linear"` (the exact weighted sum).
+
+        Example:
+
+        ```python
+        >>> model.add_weighted_adapter(["math", "code"], [1.0, 1.0], "both")  # doctest: +SKIP
+        >>> model.set_adapter("both")  # doctest: +SKIP
+        ```
+        """
+        config = self._weighted_config(adapters, weights, adapter_name, combination_type)
+        # PEFT's injection re-applies the active adapters' trainability to every layer it touches; keep it as it was.
+        trainable = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            self.peft_config.pop(adapter_name, None)
+            raise
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(trainable.get(name, False))
+        with torch.no_grad():
+            for _, layer in self.cofitune_layers():
+                if adapter_name not in layer.cofitune_delta:
+                    continue
+                target = layer.cofitune_delta[adapter_name].weight
+                total = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
+                for name, weight in zip(adapters, weights):
+                    if name in layer.cofitune_delta:
+                        total += float(weight) * layer.get_delta_weight(name).to(target.device, torch.float32)
+                target.copy_(total)
+
+    def _weighted_config(self, adapters, weights, adapter_name, combination_type) -> CoFiTuneConfig:
+        if combination_type != "linear":
+            raise CoFiTuneError(
+                f"`combination_type` must be 'linear' (the exact weighted sum of CoFiTune's full-rank deltas), got "
+                f"{combination_type!r}; LoRA's other combinations approximate low-rank factors and do not apply here."
+            )
+        if isinstance(adapters, str) or not adapters or len(set(adapters)) != len(adapters):
+            raise CoFiTuneError(f"`adapters` must be a non-empty list of distinct adapter names, got {adapters!r}.")
+        weights = list(weights)
+        if len(weights) != len(adapters):
+            raise CoFiTuneError(
+                f"`weights` must hold one weight per adapter ({len(adapters)}), got {len(weights)}: {weights!r}."
+            )
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+            raise CoFiTuneError(f"`weights` must be finite numbers, got {weights!r}.")
+        if adapter_name in self.peft_config:
+            raise CoFiTuneError(
+                f"`adapter_name` {adapter_name!r} already exists; choose a new name or `delete_adapter` it first."
+            )
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise CoFiTuneError(f"`adapters` names unknown adapters {unknown}; available: {sorted(self.peft_config)}.")
+        configs = [self.peft_config[a] for a in adapters]
+        foreign = [a for a, c in zip(adapters, configs) if not isinstance(c, CoFiTuneConfig)]
+        if foreign:
+            raise CoFiTuneError(
+                f"`adapters` {foreign} are not CoFiTune adapters; only CoFiTune adapters combine here."
+            )
+        for field in ("unit_map", "layers_pattern"):
+            values = [getattr(c, field) for c in configs]
+            if any(v != values[0] for v in values):
+                raise CoFiTuneError(
+                    f"`adapters` {adapters} differ in `{field}` ({values}), so their modules do not line up and cannot "
+                    "be combined; combine adapters built with the same `unit_map` and `layers_pattern`."
+                )
+        with_saved = [a for a, c in zip(adapters, configs) if c.modules_to_save]
+        if with_saved:
+            raise CoFiTuneError(
+                f"`adapters` {with_saved} train whole modules (`modules_to_save`), which have no weight change to sum; "
+                "combine adapters without `modules_to_save`."
+            )
+        layers = set()
+        for a, c in zip(adapters, configs):
+            indices = c.layer_indices()
+            if indices is None:
+                raise CoFiTuneError(f"adapter {a!r} has no resolved layers; it was not built on this model.")
+            layers.update(indices)
+        targets = [c.target_modules for c in configs]
+        if any(t != targets[0] for t in targets):
+            roles, names = set(), set()
+            for c in configs:
+                r, n = c.roles_and_names()
+                roles, names = roles | r, names | n
+            targets[0] = sorted(roles) + sorted(names)
+        save_dtypes = {c.save_dtype for c in configs}
+        first = configs[0]
+        return CoFiTuneConfig(
+            layers_to_transform=sorted(layers),
+            target_modules=targets[0],
+            softmask_mode="none",
+            unit_map=first.unit_map,
+            layers_pattern=first.layers_pattern,
+            save_dtype=save_dtypes.pop() if len(save_dtypes) == 1 else None,
+            fix_input_grads=first.fix_input_grads,
+            base_model_name_or_path=first.base_model_name_or_path,
+            task_type=first.task_type,
+            inference_mode=True,
+        )
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Mixed-adapter batches: `PeftModel.forward/generate(..., adapter_names=[...])` routes row i to adapter i.
+
+        PEFT hands the call's kwargs to this context manager; with `adapter_names` it injects them, through forward
+        pre-hooks, into every CoFiTune layer (and `modules_to_save` wrapper), and removes the hooks on exit. Inference
+        only; `"__base__"` selects the base model for a row.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        adapter_names = self._check_adapter_names(adapter_names)
+        # generate() repeats each prompt num_beams (beam search) or num_return_sequences (sampling) times
+        for repeat in ("num_beams", "num_return_sequences"):
+            times = kwargs.get(repeat)
+            if isinstance(times, int) and times > 1:
+                adapter_names = [name for name in adapter_names for _ in range(times)]
+                break
+        handles = []
+        try:
+            for module in _compat.mixed_batch_modules(self.model, CoFiTuneLayer):
+                hook = functools.partial(_compat.adapter_names_pre_hook, adapter_names=adapter_names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _check_adapter_names(self, adapter_names) -> list[str]:
+        if self.training:
+            raise CoFiTuneError(
+                "`adapter_names` routes batch rows to adapters at inference only, but the model is in training mode; "
+                "call `model.eval()` first (train each adapter on its own)."
+            )
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise CoFiTuneError(
+                f"`adapter_names` must be a list with one adapter name (or '__base__') per batch row, got "
+                f"{adapter_names!r}."
+            )
+        available = set()
+        for _, layer in self.cofitune_layers():
+            available.update(layer.cofitune_delta.keys())
+            if layer.merged:
+                raise CoFiTuneError(
+                    "`adapter_names` cannot route rows while adapters are merged into the base weights; call "
+                    "`unmerge_adapter()` first."
+                )
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - available)
+        if unknown:
+            raise CoFiTuneError(
+                f"`adapter_names` names unknown adapters {unknown}; available: {sorted(available)}, or '__base__' for "
+                "the base model."
+            )
+        return list(adapter_names)
+
 
 def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
     """Forward pre-hook: undo `enable_input_require_grads`, which drags every layer into the backward pass.
@@ -367,7 +575,9 @@ def _lowest_trainable_layer(tuner: CoFiTuneModel) -> tuple[int, nn.Module] | Non
     return None
 
 
-def set_importance(model: nn.Module, importance: Importance | str | os.PathLike | None, adapter_name: str | None = None):
+def set_importance(
+    model: nn.Module, importance: Importance | str | os.PathLike | None, adapter_name: str | None = None
+):
     """Install (or, with `None`, remove) the soft mask of a CoFiTune adapter from `importance`.
 
     The data-driven step as its own call on the model, like PEFT's `initialize_lora_eva_weights`: build the adapter
@@ -415,3 +625,100 @@ def find_tuner(model) -> CoFiTuneModel | None:
             return base
         model = getattr(model, "module", None)  # DDP / FSDP wrappers
     return None
+
+
+# ---------------------------------------------------------------------- serving: conversion to a stock LoRA
+
+
+def supports_lora_conversion(layer: nn.Module, adapter_name: str = "default") -> bool:
+    """Whether `adapter_name` of `layer` converts to LoRA: always for CoFiTune, whose weight is `W0 + delta`.
+
+    PEFT's `convert_to_lora` asks every tuner layer `layer.supports_lora_conversion(adapter_name)`; this is the body of
+    that method for `CoFiTuneLayer` (the delta, soft mask included, is `layer.get_delta_weight(adapter_name)`).
+    """
+    return isinstance(layer, CoFiTuneLayer)
+
+
+@torch.no_grad()
+def lora_factors(layer: CoFiTuneLayer, adapter_name: str, rank: int | float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """LoRA factors `(A, B, r)` of one layer: `B @ A` is the best rank-`r` approximation of its masked delta.
+
+    A truncated SVD (Eckart-Young), in the layout of `nn.Linear` (`A`: `[r, in]`, `B`: `[out, r]`) also for GPT-2's
+    `Conv1D`. An int `rank` is capped at the smaller side of the weight, where the factors are exact; a float in
+    (0, 1] picks the smallest rank that keeps that fraction of the squared singular values, as PEFT's
+    `convert_to_lora` does.
+    """
+    delta = layer.get_delta_weight(adapter_name)
+    dtype = delta.dtype
+    delta = delta.float()
+    if isinstance(layer.get_base_layer(), Conv1D):
+        delta = delta.T  # Conv1D stores [in, out]
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # [out, k], [k], [k, in]
+    if isinstance(rank, float):
+        energy = torch.cumsum(s**2, dim=0)
+        r = min(int(torch.searchsorted(energy, rank * energy[-1]).item()) + 1, s.numel())
+    else:
+        r = min(rank, s.numel())
+    lora_b = u[:, :r] * s[:r]  # [out, r]
+    lora_a = vh[:r]  # [r, in]
+    return lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous(), r
+
+
+def convert_to_lora(model: nn.Module, rank: int | float, adapter_name: str = "default"):
+    """A stock LoRA adapter approximating CoFiTune adapter `adapter_name`: `(LoraConfig, state_dict)`.
+
+    Each trained module's masked delta becomes a rank-`r` LoRA pair (`lora_factors`), with `lora_alpha = r` so the
+    LoRA scaling is 1; at full rank (`rank` >= the smaller side of every weight) the result is exact. Save it with
+    `safetensors.torch.save_file(state_dict, dir / "adapter_model.safetensors")` and `config.save_pretrained(dir)`,
+    and load it with plain PEFT, without `cofitune_peft` (or use `cofitune export --to lora`).
+
+    Args:
+        model: a `PeftModel` with a CoFiTune adapter (or its `CoFiTuneModel`).
+        rank (`int | float`): the LoRA rank, or a float in (0, 1]: the fraction of the squared singular values to
+            keep per module.
+        adapter_name (`str`, *optional*, defaults to `"default"`): the adapter to convert.
+    """
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    tuner = find_tuner(model)
+    if tuner is None:
+        raise CoFiTuneError(f"`model` ({type(model).__name__}) has no CoFiTune adapter to convert.")
+    if adapter_name not in tuner.peft_config:
+        raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(tuner.peft_config)}.")
+    is_int = isinstance(rank, int) and not isinstance(rank, bool)
+    if not ((is_int and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)):
+        raise CoFiTuneError(
+            f"`rank` must be an int >= 1 or a float in (0, 1] (fraction of singular-value energy), got {rank!r}."
+        )
+    config = tuner.peft_config[adapter_name]
+    if getattr(config, "modules_to_save", None):
+        raise CoFiTuneError(
+            f"adapter {adapter_name!r} trains whole modules (`modules_to_save`={config.modules_to_save}), which a "
+            "LoRA cannot express; export it with `--to merged` instead."
+        )
+    state_dict, ranks, conv1d = {}, {}, False
+    for name, layer in tuner.cofitune_layers():
+        if adapter_name not in layer.cofitune_delta:
+            continue
+        lora_a, lora_b, ranks[name] = lora_factors(layer, adapter_name, rank)
+        state_dict[f"base_model.model.{name}.lora_A.weight"] = lora_a
+        state_dict[f"base_model.model.{name}.lora_B.weight"] = lora_b
+        conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
+    if not ranks:
+        raise CoFiTuneError(f"adapter {adapter_name!r} has no CoFiTune layers in this model; nothing to convert.")
+    default = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {name: r for name, r in ranks.items() if r != default}
+    lora_config = LoraConfig(
+        r=default,
+        lora_alpha=default,
+        lora_dropout=0.0,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        fan_in_fan_out=conv1d,
+        base_model_name_or_path=config.base_model_name_or_path,
+        task_type=config.task_type,
+    )
+    return lora_config, state_dict
