@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import _compat
 from .errors import CoFiTuneError
 
 UNITS = ("intermediate", "output", "head", "kv_head")
@@ -269,7 +270,10 @@ def dims_of(model: nn.Module, spec: ArchSpec | None = None) -> Dims:
         # Read the FFN width off the weights: configs disagree on its name and GPT-2 leaves it None.
         for name, module in model.named_modules():
             if name.endswith("." + spec.ffn_down) and hasattr(module, "weight"):
-                w = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+                base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+                if _compat.quantization_of(base) not in (None, _compat.BNB_4BIT, _compat.BNB_8BIT):
+                    continue  # packed by another library: keep the config's value; find_targets refuses it by name
+                w = base.weight
                 intermediate = full_shape(w)[0] if _is_conv1d(module) else full_shape(w)[1]
                 break
     if intermediate is None:
@@ -278,9 +282,9 @@ def dims_of(model: nn.Module, spec: ArchSpec | None = None) -> Dims:
 
 
 def full_shape(weight: torch.Tensor) -> torch.Size:
-    """A weight's full shape, also under DeepSpeed ZeRO-3 `zero.Init`, where the local tensor is empty."""
-    shape = getattr(weight, "ds_shape", None)
-    return torch.Size(shape) if shape is not None else weight.shape
+    """A weight's full shape, also under DeepSpeed ZeRO-3 `zero.Init` (empty local tensor) and for bitsandbytes 4-bit
+    weights (packed bytes)."""
+    return _compat.weight_shape(weight)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -390,13 +394,21 @@ def find_targets(
                 )
         if hasattr(module, "get_base_layer"):
             module = module.get_base_layer()
-        if not isinstance(module, nn.Linear) and not _is_conv1d(module):
-            raise CoFiTuneError(
-                f"module {key!r} is a {type(module).__name__}; CoFiTune trains `nn.Linear` and GPT-2 style `Conv1D` "
-                "modules only. Quantized bases are not supported: load the model in fp32/bf16."
-            )
+        check_wrappable(key, module)
         targets.append(Target(key=key, layer=layer, layout=layout, roles=selected))
     return targets
+
+
+def check_wrappable(key: str, module: nn.Module) -> None:
+    """Raise `CoFiTuneError` unless `module` is an `nn.Linear`/`Conv1D` with a floating-point or bitsandbytes weight."""
+    library = _compat.quantization_of(module)
+    if library is not None and library not in (_compat.BNB_4BIT, _compat.BNB_8BIT):
+        raise CoFiTuneError(_compat.unsupported_quantization_message(key, module, library))
+    if not isinstance(module, nn.Linear) and not _is_conv1d(module):
+        raise CoFiTuneError(
+            f"module {key!r} is a {type(module).__name__}; CoFiTune trains `nn.Linear` and GPT-2 style `Conv1D` "
+            "modules (plain floating-point, or bitsandbytes 4-bit/8-bit) only."
+        )
 
 
 def count_layers(model: nn.Module, layers_pattern: str) -> int:
