@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -15,7 +16,14 @@ from tiny_models import tiny_model
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
 from cofitune_peft.kit.evaluation import SpecialityEval, VersatilityEval, unified_score
-from cofitune_peft.kit.search import SearchResult, candidate_key, paper_windows, refine_windows, search_layers
+from cofitune_peft.kit.search import (
+    LayerSearch,
+    SearchResult,
+    candidate_key,
+    paper_windows,
+    refine_windows,
+    search_layers,
+)
 from cofitune_peft.kit.training import IGNORE_INDEX, encode_example, train_sft
 
 N = 8
@@ -191,6 +199,38 @@ def test_crash_then_resume_gives_the_uninterrupted_table(tmp_path):
     again = run_search(tmp_path, "crashed", loader=loader, **kw)
     assert loader.calls == 0  # everything cached
     assert again.table[cols].equals(resumed.table[cols])
+
+
+def test_layer_search_is_the_same_search_as_an_object(tmp_path):
+    tok = char_tokenizer()
+    loader = Loader()
+    search = LayerSearch(
+        loader, TRAIN, ce_on(TRAIN, tok), ce_on(GENERAL, tok), tokenizer=tok, budget_steps=2,
+        output_dir=str(tmp_path / "object"), windows=[(0, 4), (4, 8)], levels=("window",), learning_rate=1e-2,
+        full_ft_learning_rate=1e-3, batch_size=4, max_length=32, progress=False,
+    )  # fmt: skip
+    assert loader.calls == 0 and not os.path.exists(tmp_path / "object")  # building it only checks the arguments
+    candidates = tmp_path / "object" / "candidates"
+    candidates.mkdir(parents=True)
+    stale = candidates / ".L0-4_ffn.json.tmp-x1y2"  # what a killed atomic write leaves behind
+    stale.write_text("{")
+    result = search.run()
+    assert not stale.exists()
+    assert sorted(os.listdir(tmp_path / "object")) == ["candidates", "search.json", "settings.json"]
+    assert sorted(os.listdir(candidates)) == ["L0-4_ffn.json", "L4-8_ffn.json", "base.json", "full.json"]
+    assert search.num_layers == N and search.windows == [(0, 4), (4, 8)]
+    assert list(search.records) == ["base", "full", "L0-4_ffn", "L4-8_ffn"]
+    # the cache key is sha256 of the sorted settings JSON, 16 characters: caches of earlier versions stay valid
+    old_key = hashlib.sha256(json.dumps(search.settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    settings = json.loads((tmp_path / "object" / "settings.json").read_text())
+    assert settings["settings_key"] == search.settings_key == old_key
+    assert json.loads((candidates / "L4-8_ffn.json").read_text())["settings_key"] == old_key
+    # the function form gives the same table, and running the object again is all cache
+    same = run_search(tmp_path, windows=[(0, 4), (4, 8)], levels=("window",))
+    cols = ["window", "modules", "Spec.", "Vers.", "Uni."]
+    assert same.table[cols].equals(result.table[cols])
+    calls = loader.calls
+    assert search.run().table[cols].equals(result.table[cols]) and loader.calls == calls
 
 
 def test_changed_settings_do_not_mix_with_cached_results(tmp_path):

@@ -1,7 +1,8 @@
 """`cofitune importance`: load a model and a data file, estimate the importance, and save it (and a heatmap).
 
-Models are local transformers folders (a GGUF file inside one is dequantised) or the embedded SmolLM2; data files are
-`.txt` (paragraphs, or lines), `.jsonl` / `.json` examples, or a `datasets.save_to_disk` folder.
+Models come through `kit.loading.load_model`: a local transformers folder (a GGUF file inside one is dequantised), a
+Hugging Face Hub id, or `smollm2` for the embedded SmolLM2; data files are `.txt` (paragraphs, or lines), `.jsonl` /
+`.json` examples, or a `datasets.save_to_disk` folder.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import re
 
 import torch
 
-from cofitune_peft.architectures import spec_for
 from cofitune_peft import CoFiTuneError
-from cofitune_peft.importance import PARTS
+from cofitune_peft.architectures import spec_for
 from cofitune_peft.estimation import ACCUMULATE, estimate_importance
+from cofitune_peft.importance import PARTS
+
+from .loading import DTYPES, MODEL_HELP, load_model_for_command
 
 logger = logging.getLogger(__name__)
 
 
 def add_importance_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cofitune importance`."""
-    parser.add_argument("--model", required=True, help="local transformers model folder, or 'smollm2' (embedded)")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantised)")
     parser.add_argument("--data", required=True, help=".txt, .jsonl or .json file, or a datasets.save_to_disk folder")
     parser.add_argument("--out", required=True, help="importance file to write (safetensors)")
@@ -36,7 +39,7 @@ def add_importance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accumulate", choices=ACCUMULATE, default="abs", help="|grad| (DAS) or signed (authors)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if available)")
     parser.add_argument("--plot", default=None, help="also write a heatmap PNG here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -48,27 +51,6 @@ def _check_out_path(flag: str, path: str | None) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CoFiTuneError(f"`{flag}`: the folder {folder!r} of {path!r} does not exist; create it first.")
-
-
-def _load_model(path: str, gguf_file: str | None, dtype: torch.dtype):
-    if path == "smollm2":
-        from .loading import load_smollm2
-
-        return load_smollm2(dtype=dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise CoFiTuneError(f"`--model`: no folder at {path!r}; pass a local model folder or 'smollm2'.")
-    if gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)):
-        raise CoFiTuneError(f"`--gguf-file`: no file {gguf_file!r} in {path!r}.")
-    if gguf_file is None and not os.path.isfile(os.path.join(path, "config.json")):
-        raise CoFiTuneError(f"`--model`: {path!r} has no config.json; is it a transformers model folder?")
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    except (OSError, ValueError, TypeError) as err:
-        raise CoFiTuneError(f"`--model`: could not load a tokenizer from {path!r} ({err}); save one there.") from err
-    return model, tokenizer
 
 
 def _read_data(path: str):
@@ -123,8 +105,7 @@ def importance_command(args: argparse.Namespace) -> int:
     data = _read_data(args.data)
     if len(data) == 0:
         raise CoFiTuneError(f"`--data`: {args.data!r} holds no examples.")
-    dtype = getattr(torch, args.dtype)
-    model, tokenizer = _load_model(args.model, args.gguf_file, dtype)
+    model, tokenizer = load_model_for_command(args.model, args.gguf_file, args.dtype)
     spec_for(model)  # a clear error for architectures without a known FFN layout, before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

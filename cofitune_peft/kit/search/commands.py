@@ -1,7 +1,8 @@
 """`cofitune search` and `cofitune report`: the coarse search from files on disk, and its table and plot.
 
-`cofitune search` reads the training and eval sets as JSON lines and the general text as paragraphs, builds the
-evaluators, runs `search_layers` and prints the result; `cofitune report` prints a finished or partial search again.
+`cofitune search` loads `--model` with `kit.loading` (a local folder, a Hub id, or the embedded `smollm2`), reads the
+training and eval sets as JSON lines and the general text as paragraphs, builds the evaluators, runs `search_layers`
+and prints the result; `cofitune report` prints a finished or partial search again.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import json
 import logging
 import os
 
-import torch
-
 from cofitune_peft import CoFiTuneError
+
 from ..evaluation import SpecialityEval, VersatilityEval
+from ..loading import MODEL_HELP, load_model_for_command
 from .result import SearchResult
 from .tree import LEVELS, search_layers
 
@@ -44,19 +45,16 @@ def read_general_text(path: str, min_chars: int = 800) -> list[str]:
     return chunks
 
 
-def _model_loader(name: str):
-    if name in ("smollm2", "smollm2-135m-instruct"):
-        from ..loading import load_smollm2
+def _model_loader(name: str, gguf_file: str | None):
+    """`(loader, tokenizer)`: `loader()` hands out the model loaded with the tokenizer first, then fresh ones."""
+    model, tokenizer = load_model_for_command(name, gguf_file)
+    first = [model]
+    del model
 
-        return load_smollm2, load_smollm2()[1]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def loader():
+        return first.pop() if first else load_model_for_command(name, gguf_file)[0]
 
-    if not os.path.isdir(name):
-        raise CoFiTuneError(f"`--model` must be 'smollm2' or a local model directory, got {name!r}.")
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return (lambda: AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)), tokenizer
+    return loader, tokenizer
 
 
 def _parse_windows(text: str | None) -> list[tuple[int, int]] | None:
@@ -69,7 +67,8 @@ def _parse_windows(text: str | None) -> list[tuple[int, int]] | None:
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a path")
+    parser.add_argument("--model", default="smollm2", help=f"{MODEL_HELP}; default smollm2")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantised)")
     parser.add_argument("--train", required=True, help="training JSONL: prompt/completion, messages or text")
     parser.add_argument("--eval", required=True, help="speciality JSONL: prompt/answer (or prompt/options/answer)")
     parser.add_argument("--general", help="general text file for versatility (CE drift and KL)")
@@ -91,7 +90,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 def search_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    loader, tokenizer = _model_loader(args.model)
+    loader, tokenizer = _model_loader(args.model, args.gguf_file)
     evals = _read_jsonl(args.eval)
     progress = not args.no_progress
     if all("options" in x for x in evals):

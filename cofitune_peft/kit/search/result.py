@@ -1,8 +1,7 @@
 """`SearchResult`: what a coarse search found, one record per candidate, scored by Spec. / Vers. / Uni.
 
 It ranks the candidates, renders them as a table (pandas, markdown, JSON) and as a Spec.-Vers. plot, and reads a
-finished or partial search back from its per-candidate JSON files. `_write_json`, the atomic writer the search stores
-those files with, lives here too.
+finished or partial search back from its per-candidate JSON files.
 """
 
 from __future__ import annotations
@@ -16,10 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from cofitune_peft import CoFiTuneConfig, CoFiTuneError
+from cofitune_peft.utils import write_json_atomic
 
-from cofitune_peft import CoFiTuneConfig
-from cofitune_peft import CoFiTuneError
 from ..evaluation import speciality_score, unified_score, versatility_score
 
 TABLE_COLUMNS = ["window", "modules", "Spec.", "Vers.", "Uni.", "cost (s)", "level", "speciality", "versatility"]
@@ -148,7 +146,7 @@ class SearchResult:
     def save(self, path: str | None = None) -> str:
         """Write `search.json` (table, best, records) to `path` or the output directory; returns the path."""
         path = path or os.path.join(self._dir(), "search.json")
-        _write_json(path, self.to_dict())
+        write_json_atomic(path, self.to_dict())
         return path
 
     def _dir(self) -> str:
@@ -227,21 +225,3 @@ class SearchResult:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         return path
-
-
-def _write_json(path: str, payload: Any) -> None:
-    """Write `payload` as JSON atomically: a crash leaves either the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)

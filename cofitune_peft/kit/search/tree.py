@@ -1,16 +1,16 @@
-"""The coarse search itself: the candidate windows of each level, and `search_layers`, which trains and scores them.
+"""The coarse search itself: the candidate windows of each level, and `LayerSearch`, which trains and scores them.
 
 Level 1 tries `paper_windows(N)` with the FFN, level 2 other modules in the best windows, level 3 `refine_windows` of
 the best candidate; the base model and a full fine-tuning reference are scored first, by the same evaluators. Each
-result is written as JSON as soon as it is known, with a hash of the run's settings: re-running the same search skips
-the finished candidates, and a search with other settings refuses to mix its results with them.
+result is written as JSON as soon as it is known, with a fingerprint of the run's settings: re-running the same search
+skips the finished candidates, and a search with other settings refuses to mix its results with them.
+`search_layers` is the one-call form: it builds a `LayerSearch` and runs it.
 """
 
 from __future__ import annotations
 
 import gc
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
-from cofitune_peft import CoFiTuneConfig
-from cofitune_peft import CoFiTuneError
+from cofitune_peft import CoFiTuneConfig, CoFiTuneError
+from cofitune_peft.utils import atomic_path, write_json_atomic
+
 from ..evaluation import SpecialityEval, VersatilityEval
+from ..fingerprint import fingerprint
 from ..training import train_sft
-from .result import SearchResult, _write_json
+from .result import SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +86,6 @@ def _num_layers(model) -> int:
     return int(n)
 
 
-def _save_reference(versatility, path: str) -> None:
-    if hasattr(versatility, "reference_state"):
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(versatility.reference_state(), tmp)
-        os.replace(tmp, path)
-
-
-def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _evaluate(evaluator, model, tokenizer) -> tuple[float, dict]:
     out = evaluator.evaluate(model, tokenizer) if hasattr(evaluator, "evaluate") else evaluator(model, tokenizer)
     if isinstance(out, Mapping):
@@ -145,6 +136,315 @@ def _load_full_reference(full_reference) -> dict:
             f"SearchResult, got {full_reference!r}."
         )
     return {"speciality": float(full_reference["speciality"]), "versatility": full_reference.get("versatility")}
+
+
+def _save_reference(versatility, path: str) -> None:
+    if hasattr(versatility, "reference_state"):
+        with atomic_path(path) as tmp:
+            torch.save(versatility.reference_state(), tmp)
+
+
+def _argument_problems(budget_steps, levels: tuple, width, train_dataset: list, weight) -> list[str]:
+    problems = []
+    if not isinstance(budget_steps, int) or isinstance(budget_steps, bool) or budget_steps <= 0:
+        problems.append(f"`budget_steps` must be a positive int, got {budget_steps!r}.")
+    unknown = [lv for lv in levels if lv not in LEVELS]
+    if unknown or not levels:
+        problems.append(f"`levels` must be a non-empty subset of {LEVELS}, got {levels!r} (unknown: {unknown}).")
+    elif "window" not in levels:
+        problems.append(f"`levels` must include 'window': the other levels refine its ranking; got {levels!r}.")
+    if not isinstance(width, int) or width < 1:
+        problems.append(f"`width` must be a positive int, got {width!r}.")
+    if not train_dataset:
+        problems.append("`train_dataset` is empty; pass at least one training example.")
+    if not 0.0 <= weight <= 1.0:
+        problems.append(f"`weight` must lie in [0, 1], got {weight!r}.")
+    return problems
+
+
+class LayerSearch:
+    """CoFiTune's coarse search, step by step: the arguments are those of `search_layers` (see there).
+
+    Building one checks the arguments and touches nothing; `run()` opens (or resumes) the cache in `output_dir`,
+    scores the base model and the full fine-tuning reference, walks the levels and returns the `SearchResult`.
+    The state lives in plain attributes: `records` (finished results by candidate key, the cache), `full_reference`
+    (a given full fine-tuning result, or `None` to train one), `settings` and `settings_key` (what keys the cache),
+    and, once `run()` has started, `num_layers` and `windows`.
+
+    Example:
+
+    ```python
+    from cofitune_peft.kit.loading import load_model
+    from cofitune_peft.kit.search import LayerSearch
+
+    _, tok = load_model("smollm2")
+    search = LayerSearch(lambda: load_model("smollm2")[0], train, speciality, versatility, tokenizer=tok,
+                         budget_steps=100, output_dir="runs/search")
+    result = search.run()  # run it again, here or in a new process, to resume
+    print(result.best_config)
+    ```
+    """
+
+    def __init__(
+        self,
+        model_loader: Callable[[], Any],
+        train_dataset: Sequence[Mapping[str, Any]],
+        speciality,
+        versatility,
+        *,
+        tokenizer,
+        budget_steps: int,
+        output_dir: str,
+        learning_rate: float = 1e-4,
+        full_ft_learning_rate: float = 2e-5,
+        windows: Sequence[tuple[int, int]] | None = None,
+        levels: Sequence[str] = LEVELS,
+        width: int = 2,
+        seed: int = 0,
+        full_reference=None,
+        progress: bool = True,
+        weight: float = 0.5,
+        batch_size: int = 8,
+        max_length: int = 256,
+    ):
+        self.levels, self.train_dataset = tuple(levels), list(train_dataset)
+        problems = _argument_problems(budget_steps, self.levels, width, self.train_dataset, weight)
+        if problems:
+            raise CoFiTuneError("Invalid search_layers arguments:\n  - " + "\n  - ".join(problems))
+        self.model_loader, self.tokenizer = model_loader, tokenizer
+        self.speciality = _as_speciality(speciality, tokenizer)
+        self.versatility = _as_versatility(versatility, tokenizer)
+        self.full_reference = _load_full_reference(full_reference) if full_reference is not None else None
+        self.budget_steps, self.learning_rate = budget_steps, learning_rate
+        self.full_ft_learning_rate = full_ft_learning_rate
+        self.seed, self.batch_size, self.max_length, self.progress = seed, batch_size, max_length, progress
+        self.width, self.weight, self.output_dir = width, weight, output_dir
+        self.candidates_dir = os.path.join(output_dir, "candidates")
+        self.requested_windows = None if windows is None else [tuple(w) for w in windows]
+        self.settings = {
+            "budget_steps": budget_steps,
+            "learning_rate": learning_rate,
+            "full_ft_learning_rate": full_ft_learning_rate,
+            "seed": seed,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "train": fingerprint(self.train_dataset),
+            "speciality": getattr(self.speciality, "fingerprint", None),
+            "versatility": getattr(self.versatility, "fingerprint", None),
+            "full_reference": self.full_reference,
+        }
+        self.settings_key = fingerprint(self.settings)
+        self.records: dict[str, dict] = {}
+        self.num_layers: int | None = None
+        self.windows: list[tuple[int, int]] | None = None
+        self._base_model = None  # loaded to count layers; handed to the first run that needs a base model
+        self._reference_ready = False
+
+    # ------------------------------------------------------------------ the walk
+
+    def run(self) -> SearchResult:
+        """Run (or resume) the search: references, then each level in `levels`; returns and saves the result."""
+        self._open_cache()
+        self._resolve_windows()
+        self._score_references()
+        for window in self.windows:
+            self._candidate(window, "ffn", "window")
+        if "module" in self.levels:
+            for top in self.result().ranked("window")[: self.width]:
+                for modules in MODULES[1:]:
+                    self._candidate(top["window"], modules, "module", parent=top["key"])
+        if "refine" in self.levels:
+            best = self.result().best
+            for window in refine_windows(tuple(best["window"]), self.num_layers):
+                self._candidate(window, best["modules"], "refine", parent=best["key"])
+        final = self.result()
+        final.save()
+        logger.info("best: layers %s, modules %s", tuple(final.best["window"]), final.best["modules"])
+        return final
+
+    def result(self) -> SearchResult:
+        """The records finished so far, in the order they were run, as a `SearchResult`."""
+        return SearchResult(sorted(self.records.values(), key=lambda r: r["order"]), self.weight, self.output_dir)
+
+    def _candidate(self, window, modules: str, level: str, parent: str | None = None) -> dict:
+        """Train and score CoFiTune on `window` x `modules` (or return its cached record)."""
+        return self._run(candidate_key(window, modules), "cofitune", level, tuple(window), modules, parent)
+
+    def _score_references(self) -> None:
+        base = self._run("base", "base", "reference")
+        full = self._run("full", "full", "reference")
+        if abs(full["speciality"] - base["speciality"]) < 1e-12:
+            logger.warning(
+                "full fine-tuning did not change the speciality score (%.4f): Spec. and Uni. are undefined and "
+                "candidates rank by raw speciality; raise `budget_steps` or `full_ft_learning_rate`.",
+                base["speciality"],
+            )
+        elif full["speciality"] < base["speciality"]:
+            logger.warning(
+                "full fine-tuning lowered the speciality score: Spec. has its sign flipped; check the setup."
+            )
+
+    # ------------------------------------------------------------------ the cache
+
+    def _open_cache(self) -> None:
+        """Read the finished records of `output_dir`, refusing those of a search with other settings."""
+        os.makedirs(self.candidates_dir, exist_ok=True)
+        # files in flight when the last run was killed (`*.tmp*`: as earlier versions named them)
+        patterns = [(self.output_dir, ".*.tmp-*"), (self.candidates_dir, ".*.tmp-*"), (self.candidates_dir, "*.tmp*")]
+        for folder, pattern in patterns:
+            for stale in glob.glob(os.path.join(folder, pattern)):
+                os.remove(stale)
+        self.records = {}
+        for path in glob.glob(os.path.join(self.candidates_dir, "*.json")):
+            with open(path) as fh:
+                record = json.load(fh)
+            if record.get("settings_key") != self.settings_key:
+                raise CoFiTuneError(
+                    f"{self.output_dir!r} holds results of a search with other settings ({os.path.basename(path)}); "
+                    "use a new `output_dir`, or delete the old one, rather than mix budgets, learning rates, data or "
+                    "evals."
+                )
+            self.records[record["key"]] = record
+
+    def _resolve_windows(self) -> None:
+        """Count the model's layers (from `settings.json` when resuming), check the windows, write `settings.json`."""
+        settings_path = os.path.join(self.output_dir, "settings.json")
+        old = {}
+        if os.path.isfile(settings_path):
+            with open(settings_path) as fh:
+                old = json.load(fh)
+        if old.get("settings_key") == self.settings_key and "num_layers" in old:
+            self.num_layers = old["num_layers"]  # resuming: no need to load the base model just to count its layers
+        else:
+            self._base_model = self._load()
+            self.num_layers = _num_layers(self._base_model)
+        n = self.num_layers
+        windows = self.requested_windows if self.requested_windows is not None else paper_windows(n)
+        bad = [w for w in windows if len(w) != 2 or not 0 <= w[0] < w[1] <= n]
+        if bad or not windows:
+            raise CoFiTuneError(
+                f"`windows` must be non-empty (a, b) pairs with 0 <= a < b <= {n} for this model ({n} decoder "
+                f"layers; (a, b) trains layers a..b-1), got {bad or windows}."
+            )
+        self.windows = windows
+        settings = {**self.settings, "settings_key": self.settings_key, "num_layers": n, "weight": self.weight}
+        settings.update(levels=list(self.levels), width=self.width, windows=[list(w) for w in windows])
+        write_json_atomic(settings_path, settings)
+
+    def _store(self, record: dict) -> None:
+        write_json_atomic(os.path.join(self.candidates_dir, f"{record['key']}.json"), record)
+        self.records[record["key"]] = record
+
+    # ------------------------------------------------------------------ one candidate
+
+    def _run(self, key: str, kind: str, level: str, window=None, modules=None, parent=None) -> dict:
+        if key in self.records:
+            logger.info("[%s] %s: cached", level, key)
+            return self.records[key]
+        start = time.perf_counter()
+        if kind == "full" and self.full_reference is not None:
+            record = {**self.full_reference, "given": True}
+            train_stats = None
+        else:
+            record, train_stats = self._train_and_score(kind, window, modules)
+        record.update(key=key, kind=kind, level=level, window=list(window) if window else None, modules=modules)
+        record.update(parent=parent, order=len(self.records), settings_key=self.settings_key, train=train_stats)
+        train_seconds = train_stats["seconds"] if train_stats is not None else 0.0
+        record.update(seconds={"train": train_seconds, "total": time.perf_counter() - start})
+        record["cost_seconds"] = record["seconds"]["total"]
+        self._store(record)
+        self._log(record)
+        return record
+
+    def _train_and_score(self, kind: str, window, modules) -> tuple[dict, dict | None]:
+        self._ensure_versatility_reference()
+        model = self._base_model if kind == "base" and self._base_model is not None else self._load()
+        self._base_model = None  # a base model is used once (trained in place or evaluated), then freed
+        train_stats = None
+        if kind == "full":
+            model.requires_grad_(True)
+            train_stats = self._train(model, self.full_ft_learning_rate)
+        elif kind == "cofitune":
+            from peft import get_peft_model
+
+            torch.manual_seed(self.seed)
+            model = get_peft_model(model, CoFiTuneConfig(layers=tuple(window), target_modules=modules))
+            train_stats = self._train(model, self.learning_rate)
+        s_score, s_details = _evaluate(self.speciality, model, self.tokenizer)
+        v_score, v_details = _evaluate(self.versatility, model, self.tokenizer)
+        record = {"speciality": s_score, "versatility": v_score}
+        record.update(speciality_details=s_details, versatility_details=v_details)
+        big = sum(p.numel() for p in model.parameters()) > 10_000_000
+        del model
+        if big:  # PEFT wrappers hold reference cycles: free a real model's memory before loading the next one
+            gc.collect()
+        return record, train_stats
+
+    def _train(self, model, learning_rate: float) -> dict:
+        return train_sft(
+            model,
+            self.train_dataset,
+            tokenizer=self.tokenizer,
+            steps=self.budget_steps,
+            learning_rate=learning_rate,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            seed=self.seed,
+            progress=self.progress,
+        )
+
+    def _log(self, record: dict) -> None:
+        level, key, cost = record["level"], record["key"], record["cost_seconds"]
+        if record["kind"] == "cofitune":
+            s = self.result().scores(record)
+            logger.info(
+                "[%s] %s: Spec. %.3f  Vers. %.3f  Uni. %.3f  (%.0f s)",
+                level,
+                key,
+                s["Spec."],
+                s["Vers."],
+                s["Uni."],
+                cost,
+            )
+        else:
+            versatility = record["versatility"] if record["versatility"] is not None else float("nan")
+            logger.info(
+                "[%s] %s: speciality %.4f, versatility %.4f (%.0f s)",
+                level,
+                key,
+                record["speciality"],
+                versatility,
+                cost,
+            )
+
+    # ------------------------------------------------------------------ models and the versatility reference
+
+    def _load(self):
+        loaded = self.model_loader()
+        return loaded[0] if isinstance(loaded, tuple) else loaded
+
+    def _ensure_versatility_reference(self) -> None:
+        """Prepare the versatility evaluator on the base model once: from the caller, from disk, or computed."""
+        versatility = self.versatility
+        if self._reference_ready or not hasattr(versatility, "prepare"):
+            return
+        ref_path = os.path.join(self.output_dir, "versatility_reference.pt")
+        if getattr(versatility, "reference", None) is not None and not os.path.isfile(ref_path):
+            # prepared by the caller (`base_model=`): keep it, and save it for a resumed run
+            _save_reference(versatility, ref_path)
+            self._reference_ready = True
+            return
+        if os.path.isfile(ref_path) and hasattr(versatility, "load_reference_state"):
+            try:
+                versatility.load_reference_state(torch.load(ref_path, weights_only=False))
+                self._reference_ready = True
+                return
+            except CoFiTuneError:
+                logger.info("the saved versatility reference does not match the evaluator; recomputing it.")
+        model = self._base_model if self._base_model is not None else self._load()
+        versatility.prepare(model, self.tokenizer)
+        _save_reference(versatility, ref_path)
+        self._reference_ready = True
 
 
 def search_layers(
@@ -199,213 +499,27 @@ def search_layers(
     Returns:
         `SearchResult`: also written to `output_dir/search.json`. Re-running with the same arguments skips every
         finished candidate; arguments that change training or scoring raise `CoFiTuneError` instead of mixing results.
+
+    `LayerSearch` is the same search as an object (its state in attributes, `run()` to start or resume it).
     """
-    problems = []
-    if not isinstance(budget_steps, int) or isinstance(budget_steps, bool) or budget_steps <= 0:
-        problems.append(f"`budget_steps` must be a positive int, got {budget_steps!r}.")
-    levels = tuple(levels)
-    unknown = [lv for lv in levels if lv not in LEVELS]
-    if unknown or not levels:
-        problems.append(f"`levels` must be a non-empty subset of {LEVELS}, got {levels!r} (unknown: {unknown}).")
-    elif "window" not in levels:
-        problems.append(f"`levels` must include 'window': the other levels refine its ranking; got {levels!r}.")
-    if not isinstance(width, int) or width < 1:
-        problems.append(f"`width` must be a positive int, got {width!r}.")
-    train_dataset = list(train_dataset)
-    if not train_dataset:
-        problems.append("`train_dataset` is empty; pass at least one training example.")
-    if not 0.0 <= weight <= 1.0:
-        problems.append(f"`weight` must lie in [0, 1], got {weight!r}.")
-    if problems:
-        raise CoFiTuneError("Invalid search_layers arguments:\n  - " + "\n  - ".join(problems))
-    speciality = _as_speciality(speciality, tokenizer)
-    versatility = _as_versatility(versatility, tokenizer)
-    full = _load_full_reference(full_reference) if full_reference is not None else None
-
-    def load():
-        loaded = model_loader()
-        return loaded[0] if isinstance(loaded, tuple) else loaded
-
-    cand_dir = os.path.join(output_dir, "candidates")
-    os.makedirs(cand_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(cand_dir, "*.tmp*")):
-        os.remove(stale)  # a candidate that was in flight when the last run stopped
-    run_settings = {
-        "budget_steps": budget_steps,
-        "learning_rate": learning_rate,
-        "full_ft_learning_rate": full_ft_learning_rate,
-        "seed": seed,
-        "batch_size": batch_size,
-        "max_length": max_length,
-        "train": _hash(train_dataset),
-        "speciality": getattr(speciality, "fingerprint", None),
-        "versatility": getattr(versatility, "fingerprint", None),
-        "full_reference": full,
-    }
-    settings_key = _hash(run_settings)
-    records: dict[str, dict] = {}
-    for path in glob.glob(os.path.join(cand_dir, "*.json")):
-        with open(path) as fh:
-            record = json.load(fh)
-        if record.get("settings_key") != settings_key:
-            raise CoFiTuneError(
-                f"{output_dir!r} holds results of a search with other settings ({os.path.basename(path)}); use a new "
-                "`output_dir`, or delete the old one, rather than mix budgets, learning rates, data or evals."
-            )
-        records[record["key"]] = record
-    base_model = None
-    settings_path = os.path.join(output_dir, "settings.json")
-    old = {}
-    if os.path.isfile(settings_path):
-        with open(settings_path) as fh:
-            old = json.load(fh)
-    if old.get("settings_key") == settings_key and "num_layers" in old:
-        num_layers = old["num_layers"]  # resuming: no need to load the base model just to count its layers
-    else:
-        base_model = load()
-        num_layers = _num_layers(base_model)
-    windows = [tuple(w) for w in windows] if windows is not None else paper_windows(num_layers)
-    bad = [w for w in windows if len(w) != 2 or not 0 <= w[0] < w[1] <= num_layers]
-    if bad or not windows:
-        raise CoFiTuneError(
-            f"`windows` must be non-empty (a, b) pairs with 0 <= a < b <= {num_layers} for this model ({num_layers} "
-            f"decoder layers; (a, b) trains layers a..b-1), got {bad or windows}."
-        )
-    settings = {**run_settings, "settings_key": settings_key, "num_layers": num_layers, "weight": weight}
-    settings.update(levels=list(levels), width=width, windows=[list(w) for w in windows])
-    _write_json(settings_path, settings)
-    state = {"order": len(records), "reference_ready": False}
-
-    def result() -> SearchResult:
-        return SearchResult(sorted(records.values(), key=lambda r: r["order"]), weight, output_dir)
-
-    def ensure_reference():
-        if state["reference_ready"] or not hasattr(versatility, "prepare"):
-            return
-        ref_path = os.path.join(output_dir, "versatility_reference.pt")
-        if getattr(versatility, "reference", None) is not None and not os.path.isfile(ref_path):
-            # prepared by the caller (`base_model=`): keep it, and save it for a resumed run
-            _save_reference(versatility, ref_path)
-            state["reference_ready"] = True
-            return
-        if os.path.isfile(ref_path) and hasattr(versatility, "load_reference_state"):
-            try:
-                versatility.load_reference_state(torch.load(ref_path, weights_only=False))
-                state["reference_ready"] = True
-                return
-            except CoFiTuneError:
-                logger.info("the saved versatility reference does not match the evaluator; recomputing it.")
-        nonlocal base_model
-        model = base_model if base_model is not None else load()
-        versatility.prepare(model, tokenizer)
-        _save_reference(versatility, ref_path)
-        state["reference_ready"] = True
-
-    def run(key: str, kind: str, level: str, window=None, modules=None, parent=None) -> dict:
-        if key in records:
-            logger.info("[%s] %s: cached", level, key)
-            return records[key]
-        nonlocal base_model
-        start = time.perf_counter()
-        if kind == "full" and full is not None:
-            record = {"speciality": full["speciality"], "versatility": full["versatility"], "given": True}
-            train_stats, train_seconds = None, 0.0
-        else:
-            ensure_reference()
-            model = base_model if kind == "base" and base_model is not None else load()
-            base_model = None  # a base model is used once (trained in place or evaluated), then freed
-            train_stats, train_seconds = None, 0.0
-            if kind == "full":
-                model.requires_grad_(True)
-                train_stats = train_sft(
-                    model,
-                    train_dataset,
-                    tokenizer=tokenizer,
-                    steps=budget_steps,
-                    learning_rate=full_ft_learning_rate,
-                    batch_size=batch_size,
-                    max_length=max_length,
-                    seed=seed,
-                    progress=progress,
-                )
-            elif kind == "cofitune":
-                from peft import get_peft_model
-
-                torch.manual_seed(seed)
-                model = get_peft_model(model, CoFiTuneConfig(layers=tuple(window), target_modules=modules))
-                train_stats = train_sft(
-                    model,
-                    train_dataset,
-                    tokenizer=tokenizer,
-                    steps=budget_steps,
-                    learning_rate=learning_rate,
-                    batch_size=batch_size,
-                    max_length=max_length,
-                    seed=seed,
-                    progress=progress,
-                )
-            if train_stats is not None:
-                train_seconds = train_stats["seconds"]
-            s_score, s_details = _evaluate(speciality, model, tokenizer)
-            v_score, v_details = _evaluate(versatility, model, tokenizer)
-            record = {"speciality": s_score, "versatility": v_score}
-            record.update(speciality_details=s_details, versatility_details=v_details)
-            big = sum(p.numel() for p in model.parameters()) > 10_000_000
-            del model
-            if big:  # PEFT wrappers hold reference cycles: free a real model's memory before loading the next one
-                gc.collect()
-        record.update(key=key, kind=kind, level=level, window=list(window) if window else None, modules=modules)
-        record.update(parent=parent, order=state["order"], settings_key=settings_key, train=train_stats)
-        record.update(seconds={"train": train_seconds, "total": time.perf_counter() - start})
-        record["cost_seconds"] = record["seconds"]["total"]
-        state["order"] += 1
-        _write_json(os.path.join(cand_dir, f"{key}.json"), record)
-        records[key] = record
-        if kind == "cofitune":
-            s = result().scores(record)
-            logger.info(
-                "[%s] %s: Spec. %.3f  Vers. %.3f  Uni. %.3f  (%.0f s)",
-                level,
-                key,
-                s["Spec."],
-                s["Vers."],
-                s["Uni."],
-                record["cost_seconds"],
-            )
-        else:
-            logger.info(
-                "[%s] %s: speciality %.4f, versatility %.4f (%.0f s)",
-                level,
-                key,
-                record["speciality"],
-                record["versatility"] if record["versatility"] is not None else float("nan"),
-                record["cost_seconds"],
-            )
-        return record
-
-    run("base", "base", "reference")
-    full_record = run("full", "full", "reference")
-    base_record = records["base"]
-    if abs(full_record["speciality"] - base_record["speciality"]) < 1e-12:
-        logger.warning(
-            "full fine-tuning did not change the speciality score (%.4f): Spec. and Uni. are undefined and candidates "
-            "rank by raw speciality; raise `budget_steps` or `full_ft_learning_rate`.",
-            base_record["speciality"],
-        )
-    elif full_record["speciality"] < base_record["speciality"]:
-        logger.warning("full fine-tuning lowered the speciality score: Spec. has its sign flipped; check the setup.")
-
-    for window in windows:
-        run(candidate_key(window, "ffn"), "cofitune", "window", window, "ffn")
-    if "module" in levels:
-        for top in result().ranked("window")[:width]:
-            for modules in MODULES[1:]:
-                run(candidate_key(top["window"], modules), "cofitune", "module", top["window"], modules, top["key"])
-    if "refine" in levels:
-        best = result().best
-        for window in refine_windows(tuple(best["window"]), num_layers):
-            run(candidate_key(window, best["modules"]), "cofitune", "refine", window, best["modules"], best["key"])
-    final = result()
-    final.save()
-    logger.info("best: layers %s, modules %s", tuple(final.best["window"]), final.best["modules"])
-    return final
+    search = LayerSearch(
+        model_loader,
+        train_dataset,
+        speciality,
+        versatility,
+        tokenizer=tokenizer,
+        budget_steps=budget_steps,
+        output_dir=output_dir,
+        learning_rate=learning_rate,
+        full_ft_learning_rate=full_ft_learning_rate,
+        windows=windows,
+        levels=levels,
+        width=width,
+        seed=seed,
+        full_reference=full_reference,
+        progress=progress,
+        weight=weight,
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+    return search.run()
