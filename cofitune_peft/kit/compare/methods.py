@@ -1,0 +1,370 @@
+"""The methods a comparison trains: a registry of builders `name -> build(base_model, settings) -> trainable model`.
+
+Each method is built with the library that owns it: CoFiTune variants with `CoFiTuneConfig`, LoRA, CorDA and OSF with
+PEFT, full fine-tuning and its L1/L2-to-base variants with plain PyTorch. WiSE-FT trains nothing: it interpolates the
+base and full fine-tuning weights, so the comparison derives it from the full fine-tuning runs. Add a method with
+`register_method(Method(...))`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from cofitune_peft import CoFiTuneConfig, CoFiTuneError
+
+from ..fingerprint import fingerprint
+
+logger = logging.getLogger(__name__)
+
+# Families colour the plot: CoFiTune variants in one colour family, baselines in greys and others.
+FAMILIES = ("reference", "cofitune", "baseline")
+
+
+@dataclass
+class MethodSettings:
+    """What a builder may read; one object per comparison, the same for every method.
+
+    Args:
+        tokenizer: the base model's tokenizer (CorDA runs general texts through the model).
+        general_texts (`Sequence[str]`): general prose for importance estimation and CorDA's covariance (not an eval
+            split).
+        layers (`tuple[int, int]`, *optional*): CoFiTune's window; `None` is `CoFiTuneConfig`'s default `(N//4, N//2)`.
+        target_modules (`str`, *optional*, defaults to `"ffn"`): CoFiTune's modules.
+        lora_rank (`int`, *optional*, defaults to 16): rank of LoRA and CorDA (alpha = 2 * rank).
+        penalty_strengths (`dict[str, float]`): `{"l1": lambda, "l2": lambda}` of the penalty toward the base
+            weights: `lambda * sum |W - W0|` and `lambda / 2 * sum (W - W0)^2` (summed over every weight, as L2-SP).
+        corda_samples (`int`, *optional*, defaults to 32): general texts CorDA's covariance is built from.
+        max_length (`int`, *optional*, defaults to 256): tokens per text for CorDA.
+        micro_batches (`int`, *optional*, defaults to 1): micro-batches per optimizer step (the penalty's gradient is
+            spread over them so that it enters once per step).
+        cache_dir (`str`, *optional*): where builders cache data-driven steps (CorDA's decomposition).
+        importance (`Importance`, *optional*): set by the comparison for methods with `needs_importance`.
+    """
+
+    tokenizer: Any = None
+    general_texts: Sequence[str] = ()
+    layers: tuple[int, int] | None = None
+    target_modules: str = "ffn"
+    lora_rank: int = 16
+    penalty_strengths: dict[str, float] = field(default_factory=lambda: {"l1": 1e-5, "l2": 1.0})
+    corda_samples: int = 32
+    max_length: int = 256
+    micro_batches: int = 1
+    cache_dir: str | None = None
+    importance: Any = None
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that change what builders build (for the comparison's cache key)."""
+        return {
+            "general_texts": fingerprint(list(self.general_texts)),
+            "layers": list(self.layers) if self.layers else None,
+            "target_modules": self.target_modules,
+            "lora_rank": self.lora_rank,
+            "penalty_strengths": dict(sorted(self.penalty_strengths.items())),
+            "corda_samples": self.corda_samples,
+            "max_length": self.max_length,
+            "micro_batches": self.micro_batches,
+        }
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry.
+
+    Args:
+        name (`str`): the key (`"lora"`).
+        build (`Callable[[nn.Module, MethodSettings], nn.Module] | None`): turns a fresh base model into the model
+            to train (in place or wrapped); `None` for methods that train nothing (`base`, `wiseft`).
+        learning_rates (`tuple[float, ...]`): the default grid (log-spaced); for `wiseft`, the interpolation weights
+            of the full fine-tuning weights (`alpha`; the learning rates are full fine-tuning's).
+        label (`str`): the name in tables and plots.
+        family (`str`): `"cofitune"`, `"baseline"` or `"reference"` (base, full fine-tuning).
+        needs_importance (`bool`): the builder reads `settings.importance`.
+        derived_from (`str`, *optional*): the method whose trained weights this one reuses (`wiseft`: `"full"`).
+    """
+
+    name: str
+    build: Callable[[nn.Module, MethodSettings], nn.Module] | None
+    learning_rates: tuple[float, ...]
+    label: str
+    family: str = "baseline"
+    needs_importance: bool = False
+    derived_from: str | None = None
+
+    @property
+    def trains(self) -> bool:
+        return self.build is not None
+
+
+# -- builders
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct names (last component) of the `nn.Linear` modules inside the decoder, without the LM head."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not output and "." in name
+    }
+    return sorted(names)
+
+
+def _num_layers(model: nn.Module) -> int:
+    from cofitune_peft.architectures import count_layers, spec_for, text_config
+
+    try:
+        found = count_layers(model, spec_for(model).layers_pattern)
+        if found:
+            return int(found)
+    except CoFiTuneError:
+        pass
+    return int(text_config(model.config).num_hidden_layers)
+
+
+def _need_importance(settings: MethodSettings, name: str):
+    if settings.importance is None:
+        raise CoFiTuneError(f"method {name!r} needs `settings.importance`; estimate one with `estimate_importance`.")
+    return settings.importance
+
+
+def build_full(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def build_lora(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    r = settings.lora_rank
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
+
+
+def _cofitune(model, settings, **overrides) -> nn.Module:
+    from peft import get_peft_model
+
+    kwargs = {"layers": settings.layers, "target_modules": settings.target_modules, **overrides}
+    return get_peft_model(model, CoFiTuneConfig(**kwargs))
+
+
+def build_cofitune(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    return _cofitune(model, settings, softmask_mode="none")
+
+
+def build_cofitune_mask(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    return _cofitune(model, settings, importance=_need_importance(settings, "cofitune_mask"), softmask_mode="update")
+
+
+def build_cofitune_gradient(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    importance = _need_importance(settings, "cofitune_gradient")
+    return _cofitune(model, settings, importance=importance, softmask_mode="gradient")
+
+
+def build_vsoftmask(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    importance = _need_importance(settings, "vsoftmask")
+    return _cofitune(model, settings, layers=(0, _num_layers(model)), target_modules="all", importance=importance)
+
+
+class _InjectGradient(torch.autograd.Function):
+    """Identity on `logits`; in backward, `penalty` receives gradient `scale`, so its parameters get `scale * dR/dW`."""
+
+    @staticmethod
+    def forward(ctx, logits, penalty, scale):
+        ctx.scale = scale
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_full((), ctx.scale), None
+
+
+class PenaltyToBase(nn.Module):
+    """Full fine-tuning with an L1 or L2 penalty toward the base weights, as a wrapper around the model's forward.
+
+    `train_sft` computes its loss from `logits` and has no hook for extra loss terms, so the penalty enters through
+    the logits: they pass unchanged, and the backward pass adds `d(penalty)/dW` to every weight's gradient, exactly as
+    if `penalty` had been added to the loss (spread over `micro_batches` micro-batches, once per optimizer step). With
+    `target="loss"` the penalty is added to the returned `loss` instead, for trainers that use it (HF `Trainer`).
+
+    Args:
+        model (`nn.Module`): the model; its current weights are the anchor `W0`.
+        kind (`str`): `"l1"` (`strength * sum |W - W0|`) or `"l2"` (`strength / 2 * sum (W - W0)^2`).
+        strength (`float`): the penalty's weight.
+        micro_batches (`int`, *optional*, defaults to 1): forward passes per optimizer step.
+        target (`str`, *optional*, defaults to `"logits"`): `"logits"` or `"loss"`.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, strength: float, micro_batches: int = 1, target: str = "logits"):
+        super().__init__()
+        problems = []
+        if kind not in ("l1", "l2"):
+            problems.append(f"`kind` must be 'l1' or 'l2', got {kind!r}.")
+        if not strength >= 0:
+            problems.append(f"`strength` must be >= 0, got {strength!r}.")
+        if target not in ("logits", "loss"):
+            problems.append(f"`target` must be 'logits' or 'loss', got {target!r}.")
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            problems.append(f"`micro_batches` must be a positive int, got {micro_batches!r}.")
+        if problems:
+            raise CoFiTuneError("Invalid PenaltyToBase arguments:\n  - " + "\n  - ".join(problems))
+        self.model = build_full(model, MethodSettings())
+        self.kind, self.strength, self.micro_batches, self.target = kind, float(strength), micro_batches, target
+        # Plain tensors, not buffers: the anchor is neither trained nor saved with the model.
+        self._anchor = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.last_penalty = 0.0
+
+    def penalty(self) -> torch.Tensor:
+        terms = []
+        for name, p in self.model.named_parameters():
+            delta = p - self._anchor[name].to(p.device, p.dtype)
+            terms.append(delta.abs().sum() if self.kind == "l1" else 0.5 * delta.pow(2).sum())
+        return self.strength * torch.stack(terms).sum()
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        if not (self.training and torch.is_grad_enabled() and self.strength > 0):
+            return out
+        penalty = self.penalty()
+        self.last_penalty = float(penalty.detach())
+        if self.target == "loss":
+            if getattr(out, "loss", None) is None:
+                raise CoFiTuneError("`target='loss'` needs a model output with `loss` (pass `labels`).")
+            out.loss = out.loss + penalty / self.micro_batches
+        else:
+            out.logits = _InjectGradient.apply(out.logits, penalty, 1.0 / self.micro_batches)
+        return out
+
+    def unwrap(self) -> nn.Module:
+        """The trained model itself (for evaluation and saving)."""
+        return self.model
+
+
+def build_l1(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    return PenaltyToBase(model, "l1", settings.penalty_strengths.get("l1", 1e-5), settings.micro_batches)
+
+
+def build_l2(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    return PenaltyToBase(model, "l2", settings.penalty_strengths.get("l2", 1.0), settings.micro_batches)
+
+
+def build_corda_kpm(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    """PEFT's CorDA in knowledge-preserved mode: LoRA initialised from the base weights' decomposition along the
+    covariance of general-text activations, so the adapter trains the directions general data uses least."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    texts = [t for t in settings.general_texts if t and t.strip()][: settings.corda_samples]
+    if not texts or settings.tokenizer is None:
+        raise CoFiTuneError("method 'corda_kpm' needs `general_texts` and a `tokenizer` in its settings.")
+    names = linear_module_names(model)
+    cache_file = None
+    if settings.cache_dir:
+        os.makedirs(settings.cache_dir, exist_ok=True)
+        key = fingerprint([texts, names, settings.lora_rank, settings.max_length, model.config.to_dict()])
+        cache_file = os.path.join(settings.cache_dir, f"corda_kpm-{key}.pt")
+    r = settings.lora_rank
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=names,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method="kpm", cache_file=cache_file),
+    )
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def run_model():
+        # CorDA's hooks take one sequence per forward pass (they squeeze the batch dimension).
+        for text in texts:
+            ids = settings.tokenizer(text, return_tensors="pt", truncation=True, max_length=settings.max_length)
+            model(input_ids=ids["input_ids"].to(device))
+
+    preprocess_corda(model, config, run_model=run_model)
+    return get_peft_model(model, config)
+
+
+def build_osf(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    """PEFT's OSF (orthogonal subspace fine-tuning): the top half of each weight's singular directions stays frozen,
+    the rest trains."""
+    from peft import OSFConfig, get_peft_model
+
+    return get_peft_model(model, OSFConfig(target_modules=linear_module_names(model)))
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, overwrite: bool = False) -> Method:
+    """Add `method` to the registry (`overwrite=True` to replace an entry of the same name)."""
+    problems = []
+    if method.name in METHODS and not overwrite:
+        problems.append(f"method {method.name!r} is registered already; pass `overwrite=True` to replace it.")
+    if method.family not in FAMILIES:
+        problems.append(f"`family` must be one of {FAMILIES}, got {method.family!r}.")
+    if method.build is not None and (not method.learning_rates or any(not lr > 0 for lr in method.learning_rates)):
+        problems.append(f"`learning_rates` of {method.name!r} must be positive values, got {method.learning_rates}.")
+    if problems:
+        raise CoFiTuneError("Invalid method:\n  - " + "\n  - ".join(problems))
+    METHODS[method.name] = method
+    return method
+
+
+_FULL_LRS = (1e-5, 3e-5, 1e-4)
+_ADAPTER_LRS = (1e-4, 3e-4, 1e-3)
+for _m in (
+    Method("base", None, (), "base (no training)", "reference"),
+    Method("full", build_full, _FULL_LRS, "full fine-tuning", "reference"),
+    Method("lora", build_lora, _ADAPTER_LRS, "LoRA r16, all linear"),
+    Method("cofitune", build_cofitune, _ADAPTER_LRS, "CoFiTune coarse", "cofitune"),
+    # The update mask shrinks an average row's step to ~0.46x (METHOD.md), so its grid starts twice as high.
+    Method("cofitune_mask", build_cofitune_mask, (2e-4, 6e-4, 2e-3), "CoFiTune + update mask", "cofitune", True),
+    Method("cofitune_gradient", build_cofitune_gradient, _ADAPTER_LRS, "CoFiTune + gradient mask", "cofitune", True),
+    Method("vsoftmask", build_vsoftmask, (2e-5, 6e-5, 2e-4), "soft mask, whole model", "cofitune", True),
+    Method("l1", build_l1, _FULL_LRS, "full FT + L1 to base"),
+    Method("l2", build_l2, _FULL_LRS, "full FT + L2 to base"),
+    Method("wiseft", None, (0.25, 0.5, 0.75), "WiSE-FT (base/full interpolation)", derived_from="full"),
+    Method("corda_kpm", build_corda_kpm, _ADAPTER_LRS, "CorDA KPM r16"),
+    Method("osf", build_osf, _FULL_LRS, "OSF (half the spectrum)"),
+):
+    register_method(_m)
+
+# The default grid of every method (learning rates; WiSE-FT: interpolation weights over full FT's learning rates).
+DEFAULT_LEARNING_RATES: dict[str, tuple[float, ...]] = {name: m.learning_rates for name, m in METHODS.items()}
+
+
+def resolve_methods(names: Sequence[str], grids: Mapping[str, Sequence[float]] | None = None) -> dict[str, Method]:
+    """The registry entries of `names` (with `base` and `full` added: scores are relative to them), grids replaced."""
+    names = list(dict.fromkeys(["base", "full", *names]))
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise CoFiTuneError(
+            f"`methods`: unknown {unknown}; registered are {sorted(METHODS)} (add one with `register_method`)."
+        )
+    grids = dict(grids or {})
+    extra = sorted(set(grids) - set(names))
+    if extra:
+        raise CoFiTuneError(f"`learning_rates` names methods that are not compared: {extra} (methods: {names}).")
+    out = {}
+    for name in names:
+        method = METHODS[name]
+        if name in grids:
+            values = tuple(float(v) for v in grids[name])
+            if not values or any(not v > 0 for v in values):
+                raise CoFiTuneError(f"`learning_rates[{name!r}]` must be positive values, got {grids[name]!r}.")
+            if name == "wiseft" and any(v > 1 for v in values):
+                raise CoFiTuneError(f"`learning_rates['wiseft']` are interpolation weights in (0, 1], got {values}.")
+            if len(values) < 3 and method.trains:
+                logger.info("method %s: %d learning rates (a sweep needs >= 3 to find a best one)", name, len(values))
+            method = replace(method, learning_rates=values)
+        out[name] = method
+    return out

@@ -1,0 +1,291 @@
+"""Scores, selection and reporting of a comparison: the frontier, each method's point chosen on validation, a table,
+JSON and a Spec.-vs-Vers. plot.
+
+Selection reads validation scores only: `select` receives the validation half of each run and nothing else, and the
+reference of Spec. (the full fine-tuning run with the best validation speciality) is chosen the same way. Retentions are
+reported uncapped and capped at 1; ranking uses the capped value, so probe noise above the base model earns nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cofitune_peft import CoFiTuneError
+
+from ..evaluation import speciality_score, unified_score
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("validation", "test")
+
+
+def capped_retention(versatility: Mapping[str, Any], base_raw: float | None) -> tuple[float, float]:
+    """`(uncapped, capped)` Vers. of one run's versatility record.
+
+    With per-measure retentions (`components`, `weights`), the capped value caps each measure at 1 before the weighted
+    mean, so a probe that rose cannot pay for a drift that fell. Without them (a plain callable), Vers. is `raw /
+    base_raw`, capped as a whole.
+    """
+    components = versatility.get("components")
+    if components:
+        weights = versatility.get("weights") or {}
+        used = {c: r for c, r in components.items() if weights.get(c, 1.0) > 0}
+        total = sum(weights.get(c, 1.0) for c in used)
+        uncapped = float(versatility["score"])
+        capped = sum(weights.get(c, 1.0) * min(1.0, r) for c, r in used.items()) / total
+        return uncapped, capped
+    if base_raw is None or not base_raw > 0:
+        raise CoFiTuneError(
+            f"Vers. is undefined: the base model's versatility is {base_raw!r}, it must be > 0; use probes the base "
+            "model partly solves, or `VersatilityEval`'s label-free measures."
+        )
+    uncapped = float(versatility["score"]) / base_raw
+    return uncapped, min(1.0, uncapped)
+
+
+def _point_id(record: Mapping[str, Any]) -> tuple:
+    return (record["method"], record.get("learning_rate"), record.get("alpha"))
+
+
+def choose_reference(full_validation: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The full fine-tuning run Spec. is relative to: the best validation speciality (first in grid order on ties)."""
+    if not full_validation:
+        raise CoFiTuneError("no full fine-tuning run is finished: Spec. needs one (method 'full').")
+    return max(full_validation, key=lambda r: r["validation"]["speciality"])
+
+
+def _scores(record, split, base, reference, weight) -> dict[str, Any]:
+    own, base_split, ref_split = record[split], base[split], reference[split]
+    vers, vers_capped = capped_retention(own["versatility"], base_split["versatility"].get("score"))
+    try:
+        spec = speciality_score(own["speciality"], base_split["speciality"], ref_split["speciality"])
+    except CoFiTuneError:
+        if split == "validation":
+            raise
+        spec = math.nan
+    return {
+        "speciality_raw": own["speciality"],
+        "spec": spec,
+        "vers": vers_capped,
+        "vers_uncapped": vers,
+        "uni": unified_score(spec, vers_capped, weight) if math.isfinite(spec) else math.nan,
+        "uni_uncapped": unified_score(spec, vers, weight) if math.isfinite(spec) else math.nan,
+        "ce_increase": own["versatility"].get("ce_increase"),
+        "kl": own["versatility"].get("kl"),
+    }
+
+
+def select(validation_rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each method's chosen points from validation scores alone.
+
+    Args:
+        validation_rows: `{"method", "learning_rate", "alpha", "uni", "speciality_raw"}` per grid point, validation
+            scores only (`uni` with the capped Vers.).
+
+    Returns:
+        `{method: {"uni": point_id, "speciality": point_id}}`: the best validation Uni. and the best validation
+        speciality (first in grid order on ties).
+    """
+    by_method: dict[str, list] = {}
+    for row in validation_rows:
+        by_method.setdefault(row["method"], []).append(row)
+    out = {}
+    for method, rows in by_method.items():
+        best_uni = max(rows, key=lambda r: r["uni"] if math.isfinite(r["uni"]) else -math.inf)
+        best_spec = max(rows, key=lambda r: r["speciality_raw"])
+        out[method] = {"uni": _point_id(best_uni), "speciality": _point_id(best_spec)}
+    return out
+
+
+def _mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+class ComparisonResult:
+    """The outcome of `compare_methods`: every grid point's scores, each method's selection, per-method costs.
+
+    Attributes:
+        frontier (`list[dict]`): one row per grid point at the main seed: method, learning rate (and WiSE-FT's
+            `alpha`), validation and test `spec`, `vers` (capped), `vers_uncapped`, `uni`, `uni_uncapped`,
+            `ce_increase`, `kl`.
+        selected (`dict[str, dict]`): per method, the row selected on validation Uni. (plus `seeds`: mean and spread
+            of its test scores over the seeds run).
+        best_speciality (`dict[str, dict]`): per method, the row with the best validation speciality.
+        methods (`dict[str, dict]`): per method, label, family, trainable parameters and step time relative to LoRA.
+        reference (`dict`): the full fine-tuning point Spec. is relative to.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], methods: Mapping[str, Any], *, seed: int, weight: float):
+        self.weight = weight
+        self.seed = seed
+        self._methods = dict(methods)
+        main = [r for r in records if r["seed"] == seed]
+        base = next((r for r in main if r["method"] == "base"), None)
+        if base is None:
+            raise CoFiTuneError("the base model's run is missing: a comparison always scores it first.")
+        reference = choose_reference([r for r in main if r["method"] == "full"])
+        self.reference = {"learning_rate": reference["learning_rate"], "seed": seed}
+
+        def row(record):
+            out = {
+                "method": record["method"],
+                "label": self._methods[record["method"]].label if record["method"] in self._methods else "",
+                "learning_rate": record.get("learning_rate"),
+                "alpha": record.get("alpha"),
+                "seed": record["seed"],
+            }
+            for split in SPLITS:
+                out[split] = _scores(record, split, base, reference, weight)
+            return out
+
+        rows = [row(r) for r in main if r["method"] in self._methods]
+        self.frontier = rows
+        # Selection sees the validation half only.
+        validation_only = [
+            {**r["validation"], **{k: r[k] for k in ("method", "learning_rate", "alpha")}} for r in rows
+        ]
+        choice = select(validation_only)
+        index = {_point_id(r): r for r in rows}
+        order = [m for m in self._methods if m in choice]  # the registry's order, not the files'
+        self.selected = {m: dict(index[choice[m]["uni"]]) for m in order}
+        self.best_speciality = {m: dict(index[choice[m]["speciality"]]) for m in order}
+        for _method, chosen in self.selected.items():
+            repeats = [row(r) for r in records if _point_id(r) == _point_id(chosen)]
+            chosen["seeds"] = {
+                "seeds": sorted(r["seed"] for r in repeats),
+                **{k: _mean_spread([r["test"][k] for r in repeats]) for k in ("spec", "vers", "vers_uncapped", "uni")},
+            }
+        self.methods = self._costs(records)
+
+    def _costs(self, records) -> dict[str, dict[str, Any]]:
+        per_step: dict[str, list[float]] = {}
+        params: dict[str, int] = {}
+        for r in records:
+            train = r.get("train")
+            if train and r.get("alpha") is None:
+                per_step.setdefault(r["method"], []).append(train["seconds"] / train["steps"])
+                params[r["method"]] = train["trainable_parameters"]
+        lora = statistics.median(per_step["lora"]) if per_step.get("lora") else None
+        out = {}
+        for name, method in self._methods.items():
+            step = statistics.median(per_step[name]) if per_step.get(name) else None
+            out[name] = {
+                "label": method.label,
+                "family": method.family,
+                "trainable_parameters": params.get(name, 0),
+                "seconds_per_step": step,
+                "step_time_vs_lora": step / lora if step is not None and lora else None,
+            }
+        return out
+
+    # -- output
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight": self.weight,
+            "seed": self.seed,
+            "reference": self.reference,
+            "methods": self.methods,
+            "selected": self.selected,
+            "best_speciality": self.best_speciality,
+            "frontier": self.frontier,
+        }
+
+    def to_markdown(self) -> str:
+        def f(x, digits=3):
+            return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+        def grid(r):
+            lr = f"{r['learning_rate']:.0e}" if r["learning_rate"] else "-"
+            return f"{lr}, a={r['alpha']:g}" if r.get("alpha") is not None else lr
+
+        lines = [
+            "Selected on validation (best validation Uni.; Vers. capped at 1, uncapped in brackets), scored on test:",
+            "",
+            "| method | lr | val Uni. | Spec. | Vers. | Uni. | CE drift | trainable | step vs LoRA | seeds: Uni. |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in self.selected.items():
+            t, cost, s = r["test"], self.methods[name], r["seeds"]
+            seeds = f"{f(s['uni'][0])} ± {f(s['uni'][1])} (n={len(s['seeds'])})"
+            ratio = f(cost["step_time_vs_lora"], 2)
+            lines.append(
+                f"| {cost['label']} | {grid(r)} | {f(r['validation']['uni'])} | {f(t['spec'])} | {f(t['vers'])} "
+                f"({f(t['vers_uncapped'])}) | {f(t['uni'])} | {f(t['ce_increase'], 4)} | "
+                f"{cost['trainable_parameters']:,} | {ratio} | {seeds} |"
+            )
+        lines += ["", "Best validation speciality per method (test scores):", ""]
+        lines += ["| method | lr | Spec. | Vers. | Uni. |", "|---|---|---|---|---|"]
+        for name, r in self.best_speciality.items():
+            t = r["test"]
+            lines.append(
+                f"| {self.methods[name]['label']} | {grid(r)} | {f(t['spec'])} | {f(t['vers'])} | {f(t['uni'])} |"
+            )
+        lines += ["", "Frontier (every grid point, test scores; validation Uni. in the last column):", ""]
+        lines += [
+            "| method | lr | Spec. | Vers. | Vers. uncapped | Uni. | CE drift | KL | val Uni. |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.frontier:
+            t = r["test"]
+            lines.append(
+                f"| {r['label']} | {grid(r)} | {f(t['spec'])} | {f(t['vers'])} | {f(t['vers_uncapped'])} | "
+                f"{f(t['uni'])} | {f(t['ce_increase'], 4)} | {f(t['kl'], 4)} | {f(r['validation']['uni'])} |"
+            )
+        ref = self.reference
+        lines += ["", f"Spec. is relative to full fine-tuning at lr {ref['learning_rate']:.0e} (best validation "
+                  f"speciality); Uni. = {self.weight:g} Spec. + {1 - self.weight:g} Vers."]  # fmt: skip
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> str:
+        """Test Spec. (y) against test Vers. (x, capped) per method, one curve over its grid; selected points starred.
+
+        CoFiTune variants in warm colours, the reference runs in black and dark grey, other baselines in cool and grey
+        tones; the legend sits outside the axes, so no label overlaps a point.
+        """
+        from matplotlib.figure import Figure
+
+        cofitune = [m for m, c in self.methods.items() if c["family"] == "cofitune"]
+        others = [m for m, c in self.methods.items() if c["family"] == "baseline"]
+        warm = ["#d62728", "#ff7f0e", "#8c2d04", "#fd8d3c", "#a50f15", "#fdae6b"]
+        cool = ["#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#7f7f7f", "#bcbd22", "#aec7e8", "#98df8a"]
+        colours = {"base": "#000000", "full": "#555555"}
+        colours.update({m: warm[i % len(warm)] for i, m in enumerate(cofitune)})
+        colours.update({m: cool[i % len(cool)] for i, m in enumerate(others)})
+        markers = "osD^v<>phX"
+        fig = Figure(figsize=(9.5, 5.5))
+        ax = fig.add_subplot(1, 1, 1)
+        for i, (name, cost) in enumerate(self.methods.items()):
+            rows = [r for r in self.frontier if r["method"] == name and math.isfinite(r["test"]["spec"])]
+            if not rows:
+                continue
+            rows.sort(key=lambda r: (r["learning_rate"] or 0, r.get("alpha") or 0))
+            xs = [r["test"]["vers"] for r in rows]
+            ys = [r["test"]["spec"] for r in rows]
+            style = {"color": colours.get(name, "#7f7f7f"), "marker": markers[i % len(markers)]}
+            width = 2.2 if cost["family"] == "cofitune" else 1.2
+            ax.plot(xs, ys, linewidth=width, markersize=5, alpha=0.9, label=cost["label"], **style)
+            chosen = self.selected.get(name)
+            if chosen and math.isfinite(chosen["test"]["spec"]):
+                ax.plot([chosen["test"]["vers"]], [chosen["test"]["spec"]], marker="*", markersize=15,
+                        color=style["color"], markeredgecolor="black", linestyle="none")  # fmt: skip
+        ax.plot([], [], marker="*", markersize=12, color="white", markeredgecolor="black", linestyle="none",
+                label="selected on validation")  # fmt: skip
+        ax.set_xlabel("Vers. on test (retention vs base, capped at 1)")
+        ax.set_ylabel("Spec. on test (gain vs full fine-tuning)")
+        ax.set_title("Speciality vs versatility: every learning rate of every method")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+        fig.tight_layout()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+        return path
