@@ -304,3 +304,22 @@ def test_mixed_batch_generate_equals_each_adapter_alone():
                 pm.set_adapter(name)
                 alone.append(pm.generate(input_ids=x[i : i + 1], **kwargs))
     assert torch.equal(mixed, torch.cat(alone))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"num_beams": 2, "do_sample": False}, {"num_return_sequences": 2, "do_sample": True, "top_k": 1}],
+    ids=["beams", "return_sequences"],
+)
+def test_mixed_batch_generate_repeats_names_for_each_copy(options):
+    pm = two_adapters()
+    x = batch(size=2, length=6)
+    names = ["b", "default"]
+    kwargs = {"max_new_tokens": 4, "pad_token_id": 0, **options}
+    with torch.no_grad():
+        mixed = pm.generate(input_ids=x, adapter_names=names, **kwargs)
+        alone = []
+        for i, name in enumerate(names):
+            pm.set_adapter(name)
+            alone.append(pm.generate(input_ids=x[i : i + 1], **kwargs))
+    assert torch.equal(mixed, torch.cat(alone))
