@@ -392,6 +392,7 @@ def dequantize_bnb(module: nn.Module):
 
     weight = module.weight
     if type(weight).__name__ == "Params4bit":
+        _unpack_bnb_cpu(weight)
         return dequantize_bnb_weight(weight, state=weight.quant_state)
     state = module.state
     if state.SCB is None:
@@ -414,3 +415,12 @@ def requantize_bnb(module: nn.Module, dense) -> None:
             dense.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
         ).to(weight.device)
         module.state.reset_grads()
+
+
+def _unpack_bnb_cpu(weight) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight in place for its CPU kernels at the first eval-mode forward without
+    gradients (`quant_state.packing_format_for_cpu`); dequantizing needs the standard layout back."""
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
