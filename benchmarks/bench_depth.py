@@ -123,12 +123,10 @@ def describe(name: str) -> str:
 
 
 def plot(results: dict, path: str, num_layers: int, title: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="tight")
+    ax = fig.add_subplot()
     for variant, color, label in (("", "tab:blue", "no checkpointing"), ("ckpt", "tab:orange", "checkpointing")):
         points = sorted(
             (r["window"][0], r["step_s_median"])
@@ -151,9 +149,7 @@ def plot(results: dict, path: str, num_layers: int, title: str) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ and KL to the base model), combined by `VersatilityEval`. Every method gets the 
 - CoFiTune coarse only (default window, FFN, no mask),
 - CoFiTune with the soft mask in `update` mode (this package's default) and in the paper's `gradient` mode.
 
-It prints a Spec./Vers./Uni. table, writes `results.json` and `results.png`, and saves the CoFiTune adapter.
+It prints a Spec./Vers./Uni. table, writes `results.json` and `results.png` (`plotting.plot_demo_results`), and saves
+the CoFiTune adapter. CoFiTune's rows are labelled from the config `get_peft_model` resolved (window and modules).
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ from cofitune_peft import CoFiTuneError
 logger = logging.getLogger(__name__)
 
 METHODS = ("base", "full_ft", "lora_r16", "cofitune_coarse", "cofitune_update", "cofitune_gradient")
+#: Labels of the baselines; CoFiTune's rows are labelled from the config `get_peft_model` resolved (`method_label`).
 LABELS = {
     "base": "base (no training)",
     "full_ft": "full fine-tuning",
     "lora_r16": "LoRA r16, all linear",
-    "cofitune_coarse": "CoFiTune coarse (FFN 7..14, no mask)",
-    "cofitune_update": "CoFiTune + soft mask (update)",
-    "cofitune_gradient": "CoFiTune + soft mask (gradient, paper)",
 }
 
 
@@ -68,14 +67,25 @@ QUICK = DemoSettings(steps=8, n_test=16, n_probes=12, n_general=6, importance_sa
 DEFAULT = DemoSettings()
 
 
+@dataclass
+class DemoData:
+    """What every method shares: the training set, the tokenizer and the two evaluations."""
+
+    train: object
+    tokenizer: object
+    speciality: object
+    versatility: object
+
+
 def _rows(dataset) -> list[dict]:
     return [dict(row) for row in dataset]
 
 
-def _fresh_model(method: str, importance, settings: DemoSettings):
+def _fresh_model(method: str, importance):
     from peft import LoraConfig, get_peft_model
 
     from cofitune_peft import CoFiTuneConfig
+
     from .loading import load_smollm2
 
     model, _ = load_smollm2()
@@ -89,23 +99,35 @@ def _fresh_model(method: str, importance, settings: DemoSettings):
     return get_peft_model(model, CoFiTuneConfig(importance=importance, softmask_mode=mode))
 
 
-def run_demo(
-    settings: DemoSettings, output_dir: str, methods: tuple[str, ...] = METHODS, progress: bool = True
-) -> dict:
-    """Run the experiment and return its results (also written to `output_dir`)."""
-    from tqdm.auto import tqdm
+def method_label(method: str, model) -> str:
+    """A row's label; for CoFiTune, from the resolved config, e.g. "CoFiTune coarse (FFN 7..14, no mask)"."""
+    if method in LABELS:
+        return LABELS[method]
+    config = model.peft_config[model.active_adapter]
+    units = _modules_label(config.target_modules)
+    if config.layers is None:
+        window = f"{units}, all layers"
+    else:
+        first, last = config.layers[0], config.layers[1] - 1
+        window = f"{units} {first}..{last}" if last > first else f"{units} {first}"
+    masked = (config.importance_source or config.importance) is not None and config.softmask_mode != "none"
+    if not masked:
+        return f"CoFiTune coarse ({window}, no mask)"
+    mode = config.softmask_mode + (", paper" if config.softmask_mode == "gradient" else "")
+    return f"CoFiTune ({window}) + soft mask ({mode})"
 
+
+def _modules_label(target_modules: str | list[str]) -> str:
+    """`target_modules` in a label: "ffn" -> "FFN", "ffn+mha" -> "FFN+MHA", "mha+o" -> "MHA+o"; lists joined by "+"."""
+    parts = target_modules.split("+") if isinstance(target_modules, str) else target_modules
+    return "+".join(part.upper() if part in ("ffn", "mha") else part for part in parts)
+
+
+def _prepare_data(settings: DemoSettings, base, tokenizer, progress: bool) -> DemoData:
+    """The arithmetic training and test sets, the capital probes and the general prose, as evaluations."""
     from .data import arithmetic_task, capital_probes, extract_number, general_texts
-    from cofitune_peft import estimate_importance
-    from .evaluation import SpecialityEval, VersatilityEval, speciality_score, unified_score
-    from .loading import load_smollm2
-    from .training import train_sft
+    from .evaluation import SpecialityEval, VersatilityEval
 
-    if "base" not in methods or "full_ft" not in methods:
-        raise CoFiTuneError(f"`methods` must include 'base' and 'full_ft' (Spec. is relative to them), got {methods}.")
-    os.makedirs(output_dir, exist_ok=True)
-    started = time.perf_counter()
-    base, tokenizer = load_smollm2()
     train, test = arithmetic_task(n_train=max(2000, settings.steps * settings.batch_size), n_test=settings.n_test)
     probes = _rows(capital_probes(settings.n_probes, kind="short")) + _rows(
         capital_probes(settings.n_probes, kind="mc")
@@ -124,56 +146,69 @@ def run_demo(
     versatility = VersatilityEval.default(
         general, probes=probes, base_model=base, tokenizer=tokenizer, progress=progress
     )
+    return DemoData(train=train, tokenizer=tokenizer, speciality=speciality, versatility=versatility)
 
-    importance = None
-    if any(m.startswith("cofitune_") and m != "cofitune_coarse" for m in methods):
-        t0 = time.perf_counter()
-        importance = estimate_importance(
-            base,
-            general_texts(n=settings.importance_samples, split="importance"),
-            tokenizer=tokenizer,
-            num_samples=settings.importance_samples,
-            max_length=256,
+
+def _importance(settings: DemoSettings, base, tokenizer, output_dir: str, progress: bool):
+    """Importance from general prose for the soft mask; saved and drawn into `output_dir`."""
+    from cofitune_peft import estimate_importance
+
+    from .data import general_texts
+
+    t0 = time.perf_counter()
+    importance = estimate_importance(
+        base,
+        general_texts(n=settings.importance_samples, split="importance"),
+        tokenizer=tokenizer,
+        num_samples=settings.importance_samples,
+        max_length=256,
+        progress=progress,
+    )
+    importance.metadata["seconds"] = f"{time.perf_counter() - t0:.1f}"
+    importance.save(os.path.join(output_dir, "importance.safetensors"))
+    importance.plot(os.path.join(output_dir, "importance.png"), title="SmolLM2-135M-Instruct importance")
+    return importance
+
+
+def _run_method(method: str, importance, data: DemoData, settings: DemoSettings, output_dir: str, progress: bool):
+    """Train one method on a fresh model (except `base`), evaluate it, and return its record."""
+    from .training import train_sft
+
+    model = _fresh_model(method, importance)
+    record: dict = {"method": method, "label": method_label(method, model)}
+    if method != "base":
+        lr = settings.learning_rates[method]
+        stats = train_sft(
+            model,
+            data.train,
+            tokenizer=data.tokenizer,
+            steps=settings.steps,
+            learning_rate=lr,
+            batch_size=settings.batch_size,
+            max_length=128,
+            seed=settings.seed,
             progress=progress,
         )
-        importance.metadata["seconds"] = f"{time.perf_counter() - t0:.1f}"
-        importance.save(os.path.join(output_dir, "importance.safetensors"))
-        importance.plot(os.path.join(output_dir, "importance.png"), title="SmolLM2-135M-Instruct importance")
-    del base
+        record.update(
+            learning_rate=lr,
+            train_seconds=stats["seconds"],
+            final_loss=stats["final_loss"],
+            trainable_parameters=stats["trainable_parameters"],
+        )
+    model.eval()
+    spec = data.speciality.evaluate(model, data.tokenizer)
+    vers = data.versatility.evaluate(model, data.tokenizer)
+    record.update(speciality=spec["score"], versatility=vers["score"], versatility_parts=_parts(vers))
+    if method == "cofitune_update":
+        model.save_pretrained(os.path.join(output_dir, "cofitune_adapter"))
+        record["adapter"] = os.path.join(output_dir, "cofitune_adapter")
+    logger.info("%s: speciality %.3f, versatility %.3f", method, spec["score"], vers["score"])
+    return record
 
-    results: dict[str, dict] = {}
-    for method in tqdm(methods, desc="methods", disable=not progress):
-        model = _fresh_model(method, importance, settings)
-        record: dict = {"method": method, "label": LABELS[method]}
-        if method != "base":
-            lr = settings.learning_rates[method]
-            stats = train_sft(
-                model,
-                train,
-                tokenizer=tokenizer,
-                steps=settings.steps,
-                learning_rate=lr,
-                batch_size=settings.batch_size,
-                max_length=128,
-                seed=settings.seed,
-                progress=progress,
-            )
-            record.update(
-                learning_rate=lr,
-                train_seconds=stats["seconds"],
-                final_loss=stats["final_loss"],
-                trainable_parameters=stats["trainable_parameters"],
-            )
-        model.eval()
-        spec = speciality.evaluate(model, tokenizer)
-        vers = versatility.evaluate(model, tokenizer)
-        record.update(speciality=spec["score"], versatility=vers["score"], versatility_parts=_parts(vers))
-        if method == "cofitune_update":
-            model.save_pretrained(os.path.join(output_dir, "cofitune_adapter"))
-            record["adapter"] = os.path.join(output_dir, "cofitune_adapter")
-        results[method] = record
-        logger.info("%s: speciality %.3f, versatility %.3f", method, spec["score"], vers["score"])
-        del model
+
+def _add_scores(results: dict[str, dict]) -> None:
+    """Spec. relative to base and full fine-tuning, Vers., and Uni., on every record."""
+    from .evaluation import speciality_score, unified_score
 
     base_spec, full_spec = results["base"]["speciality"], results["full_ft"]["speciality"]
     for record in results.values():
@@ -183,6 +218,31 @@ def run_demo(
             record["Spec."] = float("nan")
         record["Vers."] = record["versatility"]
         record["Uni."] = unified_score(record["Spec."], record["Vers."])
+
+
+def run_demo(
+    settings: DemoSettings, output_dir: str, methods: tuple[str, ...] = METHODS, progress: bool = True
+) -> dict:
+    """Run the experiment and return its results (also written to `output_dir`)."""
+    from tqdm.auto import tqdm
+
+    from .loading import load_smollm2
+
+    if "base" not in methods or "full_ft" not in methods:
+        raise CoFiTuneError(f"`methods` must include 'base' and 'full_ft' (Spec. is relative to them), got {methods}.")
+    os.makedirs(output_dir, exist_ok=True)
+    started = time.perf_counter()
+    base, tokenizer = load_smollm2()
+    data = _prepare_data(settings, base, tokenizer, progress)
+    importance = None
+    if any(m.startswith("cofitune_") and m != "cofitune_coarse" for m in methods):
+        importance = _importance(settings, base, tokenizer, output_dir, progress)
+    del base
+
+    results: dict[str, dict] = {}
+    for method in tqdm(methods, desc="methods", disable=not progress):
+        results[method] = _run_method(method, importance, data, settings, output_dir, progress)
+    _add_scores(results)
     summary = {
         "settings": asdict(settings),
         "results": results,
@@ -192,7 +252,7 @@ def run_demo(
     summary["table"] = to_markdown(results)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
-    plot(results, os.path.join(output_dir, "results.png"))
+    plot(results, os.path.join(output_dir, "results.png"), summary["settings"])
     return summary
 
 
@@ -205,7 +265,8 @@ def to_markdown(results: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results.values():
         parts = r.get("versatility_parts", {})
-        probes = f"{parts.get('probes_gen_accuracy', float('nan')):.2f} / {parts.get('probes_mc_accuracy', float('nan')):.2f}"
+        gen, mc = parts.get("probes_gen_accuracy", float("nan")), parts.get("probes_mc_accuracy", float("nan"))
+        probes = f"{gen:.2f} / {mc:.2f}"
         cells = [
             r["label"],
             f"{r['speciality']:.3f}",
@@ -220,28 +281,15 @@ def to_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict], path: str) -> None:
-    import matplotlib
+def plot(results: dict[str, dict], path: str, settings: dict | None = None) -> str:
+    """The results picture (Spec., Vers. and Uni. per method) as a PNG; `settings` (as in `results.json`) titles it."""
+    from .plotting import plot_demo_results
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results.values():
-        ax1.scatter(r["Vers."], r["Spec."], s=60)
-        ax1.annotate(r["label"], (r["Vers."], r["Spec."]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax1.set_xlabel("Vers. (versatility relative to base)")
-    ax1.set_ylabel("Spec. (gain relative to full fine-tuning)")
-    ax1.set_title("Speciality vs versatility")
-    ax1.grid(alpha=0.3)
-    names = [r["label"] for r in results.values()]
-    ax2.barh(names, [r["Uni."] for r in results.values()], color="tab:green")
-    ax2.set_xlabel("Uni. = (Spec. + Vers.) / 2")
-    ax2.invert_yaxis()
-    ax2.set_title("Unified score")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    title = "CoFiTune vs baselines on SmolLM2-135M-Instruct"
+    if settings and "steps" in settings and "batch_size" in settings:
+        steps = settings["steps"]
+        title += f": {steps} step{'s' * (steps != 1)} of arithmetic SFT (batch {settings['batch_size']}) per method"
+    return plot_demo_results(results, path, title=title)
 
 
 # ------------------------------------------------------------------ CLI
