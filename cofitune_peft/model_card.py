@@ -26,8 +26,11 @@ def _section(peft_model) -> str:
     for name, cfg in peft_model.peft_config.items():
         if not isinstance(cfg, CoFiTuneConfig):
             continue
-        a, b = cfg.layers
-        lines.append(f'- Adapter `{name}`: decoder layers {a}..{b - 1} (the paper\'s "({a}, {b}]")')
+        if cfg.layers is not None:
+            a, b = cfg.layers
+            lines.append(f'- Adapter `{name}`: decoder layers {a}..{b - 1} (the paper\'s "({a}, {b}]")')
+        else:
+            lines.append(f"- Adapter `{name}`: decoder layers {list(cfg.layers_to_transform)}")
         lines.append(f"  - Trained modules: `{cfg.target_modules}`")
         source = cfg.to_dict().get("importance_source") or "none"
         lines.append(f"  - Soft mask: `{cfg.softmask_mode}` mode; importance from {source}")
