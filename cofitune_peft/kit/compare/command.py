@@ -79,6 +79,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="generation length of exact-match evals")
     parser.add_argument("--n-eval", type=int, default=100, help="preset: questions (and probes) per eval split")
+    parser.add_argument("--n-general", type=int, default=24, help="preset: general texts per eval split")
     parser.add_argument("--layers", help="CoFiTune window 'a:b' (0-based, b exclusive); default (N//4, N//2)")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of LoRA and CorDA")
     parser.add_argument("--l1", type=float, default=1e-5, help="strength of the L1-to-base penalty")
@@ -110,9 +111,10 @@ def _preset_arithmetic(args, tokenizer):
     n = args.n_eval
     train, held_out = arithmetic_task(n_train=max(2000, args.steps * args.batch_size), n_test=2 * n)
     held_out = [dict(x) for x in held_out]
-    short = [dict(x) for x in capital_probes(2 * n, kind="short")]
-    mc = [dict(x) for x in capital_probes(2 * n, kind="mc")]
-    val_countries = {x["country"] for x in short[:n]}
+    n_probes = min(n, 84)  # the factbook has ~169 countries with one clean capital: half per split at most
+    short = [dict(x) for x in capital_probes(2 * n_probes, kind="short")]
+    mc = [dict(x) for x in capital_probes(2 * n_probes, kind="mc")]
+    val_countries = {x["country"] for x in short[:n_probes]}
     docs = general_texts(n=None, split="eval")
     documents = sorted(set(docs["document"]))
     val_docs = set(documents[::2])
@@ -120,7 +122,7 @@ def _preset_arithmetic(args, tokenizer):
     splits = {}
     for name, questions, in_val in (("validation", held_out[:n], True), ("test", held_out[n:], False)):
         probes = [p for p in short + mc if (p["country"] in val_countries) == in_val]
-        texts = [t for t, d in zip(docs["text"], docs["document"]) if (d in val_docs) == in_val]
+        texts = [t for t, d in zip(docs["text"], docs["document"]) if (d in val_docs) == in_val][: args.n_general]
         spec = SpecialityEval.exact_match(
             questions, answer_extractor=extract_number, numeric=True, max_new_tokens=args.max_new_tokens,
             tokenizer=tokenizer, progress=progress, name=f"{name} speciality",
