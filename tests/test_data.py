@@ -19,6 +19,7 @@ from cofitune_peft.kit.data import (
     general_texts,
     to_messages,
 )
+from cofitune_peft.kit.evaluation import answers_match
 
 disable_progress_bars()
 
@@ -238,6 +239,8 @@ def test_capital_prompts_use_articles():
 )
 def test_answer_matches(text, answers, expected):
     assert answer_matches(text, answers) is expected
+    # one matcher for probes and evaluators: the versatility eval scores short-answer probes with this test
+    assert answers_match(text, answers, contains=True) is expected
 
 
 @pytest.mark.parametrize(

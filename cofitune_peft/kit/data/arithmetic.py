@@ -1,14 +1,13 @@
-"""Speciality data: two-operand arithmetic, generated in code, and the extractor that scores a reply against it.
+"""Speciality data: two-operand arithmetic, generated in code.
 
 "What is 47 + 38?" -> "47 + 38 = 85", with disjoint train/test question sets and an automatic metric
-(`extract_number(output) == answer`). `to_messages` turns it into the conversational format TRL's `SFTTrainer`
-expects.
+(`extract_number(output) == answer`; `extract_number` is the evaluators' answer extractor). `to_messages` turns it into
+the conversational format TRL's `SFTTrainer` expects.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -136,62 +135,6 @@ def arithmetic_task(
     test = build(keys[:n_test])
     train = build(keys[n_test : n_test + n_train])
     return train, test
-
-
-_NUMBER = r"(?<![\w.)])[-−]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|(?<![\w.)])[-−]?\d+(?:\.\d+)?"
-_NUMBER_RE = re.compile(_NUMBER)
-_ANSWER_PHRASE_RE = re.compile(r"answer(?: is|:)\s*(?:\$|\*\*)?\s*(" + _NUMBER + ")", re.IGNORECASE)
-_AFTER_EQUALS_RE = re.compile(r"=\s*(?:\$|\*\*)?\s*(" + _NUMBER + ")")
-
-
-def _canonical_number(token: str) -> str:
-    token = token.replace(",", "").replace("−", "-")
-    if "." in token:
-        token = token.rstrip("0").rstrip(".")
-    negative = token.startswith("-")
-    digits = token.lstrip("-").lstrip("0") or "0"
-    if digits.startswith("."):
-        digits = "0" + digits
-    return "-" + digits if negative and digits != "0" else digits
-
-
-def extract_number(text: str) -> str | None:
-    """The number a model's reply gives as its answer, in canonical form, or `None` if it gives none.
-
-    Rules, first match wins: the number after the last "answer is" / "answer:"; the number right after the last
-    "="; the last number in the text. Thousands separators are dropped ("1,234" -> "1234"), a leading minus sign
-    ("-" or "−") makes a negative number unless it follows a digit ("47-38" is a subtraction), trailing decimal
-    zeros go ("85.0" -> "85").
-
-    Args:
-        text (`str`):
-            A model's generated reply.
-
-    Returns:
-        `str | None`: the canonical number, comparable with the `answer` column of `arithmetic_task`.
-
-    Example:
-
-    ```python
-    >>> from cofitune_peft.kit.data import extract_number
-    >>> extract_number("47 + 38 = 85")
-    '85'
-    >>> extract_number("The answer is 1,234.")
-    '1234'
-    >>> extract_number("12 - 47 = -35")
-    '-35'
-    >>> extract_number("I don't know.") is None
-    True
-    ```
-    """
-    if not isinstance(text, str):
-        raise CoFiTuneError(f"`text` must be a string (a generated reply), got {type(text).__name__}.")
-    for pattern in (_ANSWER_PHRASE_RE, _AFTER_EQUALS_RE):
-        matches = pattern.findall(text)
-        if matches:
-            return _canonical_number(matches[-1])
-    numbers = _NUMBER_RE.findall(text)
-    return _canonical_number(numbers[-1]) if numbers else None
 
 
 def to_messages(dataset: Dataset, style: str = "prompt_completion") -> Dataset:

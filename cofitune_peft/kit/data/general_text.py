@@ -14,6 +14,7 @@ import re
 from typing import TYPE_CHECKING
 
 from cofitune_peft import CoFiTuneError
+
 from .factbook import _SPACE_RE, _factbook, _normalise, _text
 
 if TYPE_CHECKING:

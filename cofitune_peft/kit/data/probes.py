@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cofitune_peft import CoFiTuneError
+
+from ..evaluation.answers import answers_match
 from .factbook import _factbook, _normalise, _text
 
 if TYPE_CHECKING:
@@ -99,7 +101,8 @@ def _capital_table(include_dependencies: bool) -> tuple[tuple[str, str, tuple[st
 def answer_matches(text: str, answers: str | Sequence[str]) -> bool:
     """Whether a generated reply contains one of the accepted answers as whole words.
 
-    Case, accents and punctuation are ignored, so "The capital of Colombia is Bogota." matches "Bogotá".
+    Case, accents, articles and punctuation are ignored, so "The capital of Colombia is Bogota." matches "Bogotá".
+    The same test as `answers_match(text, answers, contains=True)`, which the versatility eval scores probes with.
 
     Args:
         text (`str`):
@@ -120,10 +123,7 @@ def answer_matches(text: str, answers: str | Sequence[str]) -> bool:
     False
     ```
     """
-    if isinstance(answers, str):
-        answers = [answers]
-    haystack = f" {_normalise(text)} "
-    return any(f" {_normalise(a)} " in haystack for a in answers if _normalise(a))
+    return answers_match(text, answers, contains=True)
 
 
 def capital_probes(

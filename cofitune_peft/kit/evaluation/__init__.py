@@ -7,14 +7,13 @@ and reports both relative to reference models. The pieces:
 - `versatility`: `VersatilityEval`, probe accuracies, cross-entropy drift and KL to the base model on general text,
   as one retention that is 1.0 for the base model;
 - `scores`: `speciality_score`, `versatility_score` and `unified_score`, the paper's Spec., Vers. and Uni.;
-- `answers`: answer normalisation and matching for exact match;
+- `answers`: `extract_number` (the number a reply gives), answer normalisation and matching for exact match;
 - `model_passes`: the batched greedy generation and option log-likelihood passes the evaluators share.
 """
 
 from __future__ import annotations
 
-from ..data import extract_number
-from .answers import answers_match, first_line, normalize_answer
+from .answers import answers_match, extract_number, first_line, normalize_answer
 from .model_passes import generate_answers, option_logprobs
 from .scores import speciality_score, unified_score, versatility_score
 from .speciality import SpecialityEval

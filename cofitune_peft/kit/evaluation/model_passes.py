@@ -12,19 +12,15 @@ import torch
 from tqdm.auto import tqdm
 
 from cofitune_peft import CoFiTuneError
-from ..training import IGNORE_INDEX, collate, has_chat_template, pad_id_of, render_prompt
+from cofitune_peft.utils import device_of
+
+from ..training.encoding import IGNORE_INDEX, collate, has_chat_template, pad_id_of, render_prompt
 
 
 def _prompt_ids(tokenizer, prompt, chat_template: bool | None) -> list[int]:
     use_template = has_chat_template(tokenizer) if chat_template is None else chat_template
     text = render_prompt(tokenizer, prompt, chat_template=use_template)
     return tokenizer(text, add_special_tokens=not use_template)["input_ids"]
-
-
-def _device_of(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _check_tokenizer(tokenizer):
@@ -48,7 +44,7 @@ def generate_answers(
     """Greedy answers to `prompts`, batched with left padding; the decoded new text of each."""
     was_training = model.training
     model.eval()
-    device, pad = _device_of(model), pad_id_of(tokenizer)
+    device, pad = device_of(model), pad_id_of(tokenizer)
     out: list[str] = []
     encoded = [_prompt_ids(tokenizer, p, chat_template) for p in prompts]
     try:
@@ -89,7 +85,7 @@ def option_logprobs(
     use_template = has_chat_template(tokenizer) if chat_template is None else chat_template
     was_training = model.training
     model.eval()
-    device, pad = _device_of(model), pad_id_of(tokenizer)
+    device, pad = device_of(model), pad_id_of(tokenizer)
     pairs: list[tuple[list[int], list[int]]] = []
     for prompt, opts in zip(prompts, options):
         prompt_ids = _prompt_ids(tokenizer, prompt, use_template)

@@ -6,19 +6,14 @@ tell a changed eval set from a resumed one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..data import extract_number
 from cofitune_peft import CoFiTuneError
-from .answers import _as_number, answers_match, first_line
+
+from ..fingerprint import fingerprint as settings_fingerprint
+from .answers import _as_number, answers_match, extract_number, first_line
 from .model_passes import _check_tokenizer, generate_answers, option_logprobs
-
-
-def _fingerprint(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class SpecialityEval:
@@ -114,8 +109,8 @@ class SpecialityEval:
                 accepted for `answer`, so a held-out split of the training data works); an optional `aliases` list
                 holds other accepted answers.
             answer_extractor (`Callable[[str], str | None]`, *optional*): maps the generated text to the answer.
-                Defaults to `data.extract_number` (after "answer is", else after the last "=", else the last number) for numeric items, to the whole
-                text with `match="contains"`, and to `first_line` otherwise.
+                Defaults to `extract_number` (after "answer is", else after the last "=", else the last number) for
+                numeric items, to the whole text with `match="contains"`, and to `first_line` otherwise.
             numeric (`bool`, *optional*): compare as numbers ("85.0" == "85"). `None`: per item, when its answer
                 parses as a number.
             match (`str`, *optional*, defaults to `"exact"`): for non-numeric items, `"exact"` (normalised
@@ -186,7 +181,7 @@ class SpecialityEval:
             self.chat_template,
         )
         extractor = getattr(self.answer_extractor, "__qualname__", repr(self.answer_extractor))
-        return _fingerprint([self.examples, settings, extractor])
+        return settings_fingerprint([self.examples, settings, extractor])
 
     def evaluate(self, model, tokenizer=None) -> dict[str, Any]:
         """Score `model`: `{"score": accuracy, "correct", "total", "predictions"}`."""

@@ -17,9 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from cofitune_peft import CoFiTuneError
-from ..training import collate, pad_id_of
-from .model_passes import _check_tokenizer, _device_of
-from .speciality import SpecialityEval, _fingerprint
+from cofitune_peft.utils import device_of
+
+from ..fingerprint import fingerprint as settings_fingerprint
+from ..training.encoding import collate, pad_id_of
+from .model_passes import _check_tokenizer
+from .speciality import SpecialityEval
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +139,14 @@ class VersatilityEval:
 
     @property
     def fingerprint(self) -> str:
-        return _fingerprint([self.general_texts, self.probes, self.max_length, self.kl_top_k, self.weights])
+        """A hash of the general texts, probes and settings (the search stores it to detect a changed eval)."""
+        return settings_fingerprint([self.general_texts, self.probes, self.max_length, self.kl_top_k, self.weights])
 
     # -- general-text pass
 
     def _general_positions(self, model, tokenizer):
         """Yields the `[positions, vocab]` next-token log-probabilities and targets of each general text, in order."""
-        device, pad = _device_of(model), pad_id_of(tokenizer)
+        device, pad = device_of(model), pad_id_of(tokenizer)
         encoded = []
         for text in self.general_texts:
             ids = tokenizer(text)["input_ids"][: self.max_length]
