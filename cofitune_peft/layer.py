@@ -250,6 +250,13 @@ class CoFiTuneLayer(BaseTunerLayer):
             return rows * self.cofitune_scale[adapter_name]
         return rows
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's `convert_to_lora` asks this: a CoFiTune weight is `W0 + get_delta_weight(name)`, so always True.
+
+        The conversion is a truncated SVD of the full-rank masked delta, exact at full rank (`cofitune export`).
+        """
+        return True
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The change this adapter makes to the base weight (differentiable w.r.t. the delta, with the mask)."""
         forward_scale = self._broadcast(self.effective_scale(adapter_name), adapter_name)

@@ -9,166 +9,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
-import warnings
-from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import _compat
-from .architectures import (
-    ArchSpec,
-    Dims,
-    Target,
-    count_layers,
-    decoder_layers,
-    dims_of,
-    find_targets,
-    full_shape,
-    row_selection,
-    spec_for,
-    spec_from_unit_map,
-    weight_axis,
-)
+from .architectures import decoder_layers, spec_for
 from .config import CoFiTuneConfig, describe_importance
 from .errors import CoFiTuneError
-from .importance import Importance, module_scale, resolve_importance
+from .importance import Importance, resolve_importance
 from .layer import CoFiTuneLayer, Linear
+from .plan import build_plan
+from .serving import lora_factors, weighted_config, weighted_delta
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PlanEntry:
-    target: Target
-    scale: torch.Tensor  # [axis size], 1 - I
-    rows: torch.Tensor  # [axis size], 0/1 row selection
-
-
-@dataclass
-class Plan:
-    """What one adapter trains: resolved before any module is replaced, so a bad config changes nothing."""
-
-    spec: ArchSpec
-    dims: Dims
-    layers: tuple[int, ...]  # sorted decoder-layer indices
-    entries: dict[str, PlanEntry]
-
-    @property
-    def window(self) -> tuple[int, int] | None:
-        """The layers as a window `(a, b)` when they are contiguous, else None."""
-        a, b = self.layers[0], self.layers[-1] + 1
-        return (a, b) if self.layers == tuple(range(a, b)) else None
-
-
-def describe_layers(layers) -> str:
-    """`'2..4'` for contiguous indices, else the list: for messages."""
-    layers = sorted(layers)
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}..{layers[-1]}"
-    return str(layers)
-
-
-def default_window(num_layers: int) -> tuple[int, int]:
-    """The paper's default "(N/4, N/2]": 0-based layers N//4 .. N//2 - 1 (at least one layer)."""
-    start = num_layers // 4
-    return start, max(num_layers // 2, start + 1)
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def build_plan(model: nn.Module, config: CoFiTuneConfig, importance: Importance | None = None) -> Plan:
-    """Resolve `config` against `model`: window, modules, per-row scales. Raises `CoFiTuneError` on bad input.
-
-    `importance` is the resolved importance (`None`: no soft mask).
-    """
-    roles, names = config.roles_and_names()
-    if config.unit_map is not None:
-        if not names:
-            raise CoFiTuneError(
-                "with `unit_map`, pass `target_modules` as a list of module names from `unit_map`, got "
-                f"{config.target_modules!r}."
-            )
-        missing = sorted(n for n in names if n not in config.unit_map)
-        if missing:
-            raise CoFiTuneError(f"`target_modules` names {missing} have no entry in `unit_map`; add their units.")
-        spec = spec_from_unit_map(config.unit_map, config.layers_pattern)
-    else:
-        spec = spec_for(model)
-        if config.layers_pattern is not None:
-            spec = ArchSpec(config.layers_pattern, spec.modules, spec.attn_out, spec.ffn_down)
-        # accept short names ("up_proj") as well as paths inside the layer ("mlp.up_proj")
-        resolved = set()
-        for name in names:
-            matches = [m.name for m in spec.modules if m.name == name or m.name.endswith("." + name)]
-            if not matches:
-                raise CoFiTuneError(
-                    f"`target_modules` entry {name!r} is not a trainable module of this architecture; choose from "
-                    f"{[m.name for m in spec.modules]} or the shorthands 'ffn', 'ffn+gate', 'mha', 'ffn+mha'."
-                )
-            resolved.update(matches)
-        names = frozenset(resolved)
-    dims = dims_of(model, spec if spec.ffn_down else None)
-    found_layers = count_layers(model, spec.layers_pattern)
-    if found_layers == 0:
-        raise CoFiTuneError(
-            f"no decoder layers named '{spec.layers_pattern}.<i>' found in the model; set `layers_pattern` to the name "
-            "of the ModuleList that holds the decoder layers."
-        )
-    num_layers = found_layers
-    layers = _resolve_layers(config, num_layers)
-    targets = find_targets(model, spec, roles, frozenset(layers), names)
-    if not targets:
-        raise CoFiTuneError(
-            f"`target_modules`={config.target_modules!r} matched no module in layers {describe_layers(layers)}; "
-            f"this architecture's trainable modules are {[m.name for m in spec.modules]}."
-        )
-    if importance is not None:
-        importance.validate_dims(dims, source="importance")
-    entries, uncovered = {}, set()
-    for target in targets:
-        module = _base(model.get_submodule(target.key))
-        size = full_shape(module.weight)[weight_axis(module, target.layout.axis)]
-        scale, missing = module_scale(importance, target.layer, target.layout, dims, size)
-        uncovered.update(missing)
-        rows = row_selection(target.layout, dims, target.roles, size)
-        entries[target.key] = PlanEntry(target, scale, rows)
-    if uncovered and config.softmask_mode != "none":
-        warnings.warn(
-            f"the importance has no values for {sorted(uncovered)} units, so modules feeding them train without a "
-            "soft mask; estimate those parts too (estimate_importance covers heads, intermediate and output).",
-            stacklevel=3,
-        )
-    if importance is not None and config.softmask_mode == "none":
-        logger.info("`importance` is given but `softmask_mode='none'`: the soft mask is off.")
-    return Plan(spec=spec, dims=dims, layers=layers, entries=entries)
-
-
-def _resolve_layers(config: CoFiTuneConfig, num_layers: int) -> tuple[int, ...]:
-    """The sorted decoder-layer indices `config` trains on a model with `num_layers` layers."""
-    if config.layers_to_transform is None and config.layers is not None:
-        a, b = config.layers
-        if not (0 <= a < b <= num_layers):
-            raise CoFiTuneError(
-                f"`layers` must lie within [0, {num_layers}) for this model ({num_layers} decoder layers), got "
-                f"{(a, b)}; (a, b) trains layers a..b-1, so b may be at most {num_layers}."
-            )
-    indices = config.layer_indices()
-    if indices is None:
-        indices = list(range(*default_window(num_layers)))
-    outside = [i for i in indices if not 0 <= i < num_layers]
-    if outside:
-        raise CoFiTuneError(
-            f"`layers_to_transform` must hold indices within [0, {num_layers}) for this model ({num_layers} decoder "
-            f"layers), got {outside} outside it; drop those indices."
-        )
-    return tuple(indices)
 
 
 class CoFiTuneModel(BaseTuner):
@@ -358,7 +215,7 @@ class CoFiTuneModel(BaseTuner):
         >>> model.set_adapter("both")  # doctest: +SKIP
         ```
         """
-        config = self._weighted_config(adapters, weights, adapter_name, combination_type)
+        config = weighted_config(self.peft_config, adapters, weights, adapter_name, combination_type)
         # PEFT's injection re-applies the active adapters' trainability to every layer it touches; keep it as it was.
         trainable = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self.peft_config[adapter_name] = config
@@ -374,80 +231,7 @@ class CoFiTuneModel(BaseTuner):
                 if adapter_name not in layer.cofitune_delta:
                     continue
                 target = layer.cofitune_delta[adapter_name].weight
-                total = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
-                for name, weight in zip(adapters, weights):
-                    if name in layer.cofitune_delta:
-                        total += float(weight) * layer.get_delta_weight(name).to(target.device, torch.float32)
-                target.copy_(total)
-
-    def _weighted_config(self, adapters, weights, adapter_name, combination_type) -> CoFiTuneConfig:
-        if combination_type != "linear":
-            raise CoFiTuneError(
-                f"`combination_type` must be 'linear' (the exact weighted sum of CoFiTune's full-rank deltas), got "
-                f"{combination_type!r}; LoRA's other combinations approximate low-rank factors and do not apply here."
-            )
-        if isinstance(adapters, str) or not adapters or len(set(adapters)) != len(adapters):
-            raise CoFiTuneError(f"`adapters` must be a non-empty list of distinct adapter names, got {adapters!r}.")
-        weights = list(weights)
-        if len(weights) != len(adapters):
-            raise CoFiTuneError(
-                f"`weights` must hold one weight per adapter ({len(adapters)}), got {len(weights)}: {weights!r}."
-            )
-        if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
-            raise CoFiTuneError(f"`weights` must be finite numbers, got {weights!r}.")
-        if adapter_name in self.peft_config:
-            raise CoFiTuneError(
-                f"`adapter_name` {adapter_name!r} already exists; choose a new name or `delete_adapter` it first."
-            )
-        unknown = [a for a in adapters if a not in self.peft_config]
-        if unknown:
-            raise CoFiTuneError(f"`adapters` names unknown adapters {unknown}; available: {sorted(self.peft_config)}.")
-        configs = [self.peft_config[a] for a in adapters]
-        foreign = [a for a, c in zip(adapters, configs) if not isinstance(c, CoFiTuneConfig)]
-        if foreign:
-            raise CoFiTuneError(
-                f"`adapters` {foreign} are not CoFiTune adapters; only CoFiTune adapters combine here."
-            )
-        for field in ("unit_map", "layers_pattern"):
-            values = [getattr(c, field) for c in configs]
-            if any(v != values[0] for v in values):
-                raise CoFiTuneError(
-                    f"`adapters` {adapters} differ in `{field}` ({values}), so their modules do not line up and cannot "
-                    "be combined; combine adapters built with the same `unit_map` and `layers_pattern`."
-                )
-        with_saved = [a for a, c in zip(adapters, configs) if c.modules_to_save]
-        if with_saved:
-            raise CoFiTuneError(
-                f"`adapters` {with_saved} train whole modules (`modules_to_save`), which have no weight change to sum; "
-                "combine adapters without `modules_to_save`."
-            )
-        layers = set()
-        for a, c in zip(adapters, configs):
-            indices = c.layer_indices()
-            if indices is None:
-                raise CoFiTuneError(f"adapter {a!r} has no resolved layers; it was not built on this model.")
-            layers.update(indices)
-        targets = [c.target_modules for c in configs]
-        if any(t != targets[0] for t in targets):
-            roles, names = set(), set()
-            for c in configs:
-                r, n = c.roles_and_names()
-                roles, names = roles | r, names | n
-            targets[0] = sorted(roles) + sorted(names)
-        save_dtypes = {c.save_dtype for c in configs}
-        first = configs[0]
-        return CoFiTuneConfig(
-            layers_to_transform=sorted(layers),
-            target_modules=targets[0],
-            softmask_mode="none",
-            unit_map=first.unit_map,
-            layers_pattern=first.layers_pattern,
-            save_dtype=save_dtypes.pop() if len(save_dtypes) == 1 else None,
-            fix_input_grads=first.fix_input_grads,
-            base_model_name_or_path=first.base_model_name_or_path,
-            task_type=first.task_type,
-            inference_mode=True,
-        )
+                target.copy_(weighted_delta(layer, adapters, weights, target))
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -628,40 +412,6 @@ def find_tuner(model) -> CoFiTuneModel | None:
 
 
 # ---------------------------------------------------------------------- serving: conversion to a stock LoRA
-
-
-def supports_lora_conversion(layer: nn.Module, adapter_name: str = "default") -> bool:
-    """Whether `adapter_name` of `layer` converts to LoRA: always for CoFiTune, whose weight is `W0 + delta`.
-
-    PEFT's `convert_to_lora` asks every tuner layer `layer.supports_lora_conversion(adapter_name)`; this is the body of
-    that method for `CoFiTuneLayer` (the delta, soft mask included, is `layer.get_delta_weight(adapter_name)`).
-    """
-    return isinstance(layer, CoFiTuneLayer)
-
-
-@torch.no_grad()
-def lora_factors(layer: CoFiTuneLayer, adapter_name: str, rank: int | float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """LoRA factors `(A, B, r)` of one layer: `B @ A` is the best rank-`r` approximation of its masked delta.
-
-    A truncated SVD (Eckart-Young), in the layout of `nn.Linear` (`A`: `[r, in]`, `B`: `[out, r]`) also for GPT-2's
-    `Conv1D`. An int `rank` is capped at the smaller side of the weight, where the factors are exact; a float in
-    (0, 1] picks the smallest rank that keeps that fraction of the squared singular values, as PEFT's
-    `convert_to_lora` does.
-    """
-    delta = layer.get_delta_weight(adapter_name)
-    dtype = delta.dtype
-    delta = delta.float()
-    if isinstance(layer.get_base_layer(), Conv1D):
-        delta = delta.T  # Conv1D stores [in, out]
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # [out, k], [k], [k, in]
-    if isinstance(rank, float):
-        energy = torch.cumsum(s**2, dim=0)
-        r = min(int(torch.searchsorted(energy, rank * energy[-1]).item()) + 1, s.numel())
-    else:
-        r = min(rank, s.numel())
-    lora_b = u[:, :r] * s[:r]  # [out, r]
-    lora_a = vh[:r]  # [r, in]
-    return lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous(), r
 
 
 def convert_to_lora(model: nn.Module, rank: int | float, adapter_name: str = "default"):

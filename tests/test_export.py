@@ -12,7 +12,6 @@ import textwrap
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from tiny_models import batch, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -20,8 +19,8 @@ from cofitune_peft import CoFiTuneConfig, CoFiTuneError, Importance
 from cofitune_peft.architectures import dims_of
 from cofitune_peft.kit.cli import main
 from cofitune_peft.kit.export_command import export_lora, fidelity, file_sizes
-from cofitune_peft.layer import Linear
-from cofitune_peft.model import convert_to_lora, lora_factors, supports_lora_conversion
+from cofitune_peft.model import convert_to_lora
+from cofitune_peft.serving import lora_factors
 
 pytestmark = pytest.mark.filterwarnings("ignore:the importance has no values")
 TEXTS = ["The capital of France is Paris.", "2 + 2 = 4", "def add(a, b): return a + b", "Hello, world!"]
@@ -81,17 +80,9 @@ def test_energy_threshold_gives_per_module_ranks(tmp_path):
 
 def test_every_layer_supports_conversion():
     pm = adapted()
-    assert all(supports_lora_conversion(layer) for _, layer in pm.base_model.cofitune_layers())
-    assert not supports_lora_conversion(torch.nn.Linear(2, 2))
+    assert all(layer.supports_lora_conversion("default") for _, layer in pm.base_model.cofitune_layers())
 
 
-def _layer_converts() -> bool:
-    return Linear.supports_lora_conversion is not BaseTunerLayer.supports_lora_conversion
-
-
-@pytest.mark.xfail(
-    not _layer_converts(), strict=False, reason="layer side pending: CoFiTuneLayer.supports_lora_conversion"
-)
 def test_peft_convert_to_lora_accepts_cofitune_layers():
     from peft.tuners.lora.conversion import convert_to_lora as peft_convert_to_lora
 
