@@ -25,9 +25,8 @@ import tempfile
 
 import peft
 from packaging.version import Version
-from peft.utils import PeftType, register_peft_method
-
 from peft.tuners._buffer_dict import BufferDict
+from peft.utils import PeftType, register_peft_method
 from torch import nn
 
 from .errors import CoFiTuneError

@@ -125,8 +125,8 @@ def _modules_label(target_modules: str | list[str]) -> str:
 
 def _prepare_data(settings: DemoSettings, base, tokenizer, progress: bool) -> DemoData:
     """The arithmetic training and test sets, the capital probes and the general prose, as evaluations."""
-    from .data import arithmetic_task, capital_probes, extract_number, general_texts
-    from .evaluation import SpecialityEval, VersatilityEval
+    from .data import arithmetic_task, capital_probes, general_texts
+    from .evaluation import SpecialityEval, VersatilityEval, extract_number
 
     train, test = arithmetic_task(n_train=max(2000, settings.steps * settings.batch_size), n_test=settings.n_test)
     probes = _rows(capital_probes(settings.n_probes, kind="short")) + _rows(

@@ -105,8 +105,8 @@ def _load(name: str):
 
 
 def _preset_arithmetic(args, tokenizer):
-    from ..data import arithmetic_task, capital_probes, extract_number, general_texts
-    from ..evaluation import SpecialityEval, VersatilityEval
+    from ..data import arithmetic_task, capital_probes, general_texts
+    from ..evaluation import SpecialityEval, VersatilityEval, extract_number
 
     n = args.n_eval
     train, held_out = arithmetic_task(n_train=max(2000, args.steps * args.batch_size), n_test=2 * n)
