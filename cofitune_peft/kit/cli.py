@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("cofitune_peft.kit.search.commands", "coarse search for the layer window and modules"),
     "report": ("cofitune_peft.kit.search.commands", "table and plot of a finished or partial search"),
     "demo": ("cofitune_peft.kit.demo", "the end-to-end experiment on SmolLM2-135M-Instruct"),
+    "memory": ("cofitune_peft.kit.memory_command", "peak training memory per GPU: CoFiTune vs LoRA/QLoRA/full"),
     "export": ("cofitune_peft.kit.export_command", "a CoFiTune adapter as a stock LoRA adapter or a merged model"),
 }
 

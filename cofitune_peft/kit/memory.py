@@ -1,0 +1,510 @@
+"""Peak training memory per GPU, estimated from a model's shapes: CoFiTune vs LoRA vs QLoRA vs full fine-tuning.
+
+CoFiTune (arXiv 2404.10306) trains the FFN up/down projections of a window of decoder layers; layers below the window
+stay out of the backward pass, which is where its activation memory comes from. This module counts every term of a
+training step's peak from the real module shapes of a model built on the meta device (no weights are loaded):
+
+    peak = max(backward start, optimizer step) + overhead
+    backward start = base weights + trainable weights + optimizer states + buffers + activations + logits + transient
+    optimizer step = base weights + trainable weights + optimizer states + buffers + gradients + optimizer temporaries
+
+Each term is a method of `MemoryModel` with its formula. The per-layer activation counts were read off the tensors
+autograd saves (a `saved_tensors_hooks` probe on Llama-shaped layers in fp32 and bf16, torch 2.13, transformers 5,
+SDPA attention); the masked linear is modelled in its lean form (it keeps no weight-sized tensor from forward to
+backward, only the input it needs for the delta's gradient). See docs/memory.md for the validation.
+
+Example:
+
+```python
+>>> from cofitune_peft.kit.memory import KNOWN_SHAPES, estimate_training_memory
+>>> est = estimate_training_memory(KNOWN_SHAPES["smollm2-135m"], "cofitune", batch=4, seq_len=256, dtype="float32")
+>>> est.layers_in_backward, est.num_layers
+(23, 30)
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from cofitune_peft import CoFiTuneError
+
+GIB = 1024**3
+METHODS = ("cofitune", "lora", "qlora", "full")
+MASK_MODES = ("update", "gradient", "none")
+OPTIMIZERS = ("adamw", "adamw8bit")
+BASE_QUANTS = ("none", "4bit", "8bit")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# CUDA context (~0.5 GiB on an H100 with torch 2.x), cuBLAS/cuDNN workspaces and caching-allocator slack. Not part of
+# torch.cuda.max_memory_allocated; a stated constant, not a measurement. 0 on CPU.
+CUDA_OVERHEAD_BYTES = 1 * GIB
+# bitsandbytes nf4 with double quantisation: 4 bits a weight, one 8-bit absmax per 64 weights, one fp32 constant per
+# 256 absmax values.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# LLM.int8: one byte a weight plus an fp32 scale per output row (added per module).
+INT8_BYTES_PER_PARAM = 1.0
+# bitsandbytes 8-bit AdamW: two 8-bit states plus one fp32 absmax per 256-value block, per state.
+ADAMW8BIT_BYTES_PER_PARAM = 2 * (1 + 4 / 256)
+_ATTN_IN = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn")
+_MLP_IN = ("gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "dense_h_to_4h", "w1", "w3")
+
+# Hand-written transformers configs (no download); the numbers are those of the published config.json files.
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+KNOWN_SHAPES: dict[str, dict] = {
+    "smollm2-135m": {
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+        "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+    },
+    "llama-3.2-1b": {
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True,
+        "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0,
+        "original_max_position_embeddings": 8192}, "rms_norm_eps": 1e-5,
+    },
+    "llama-3-8b": {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "max_position_embeddings": 8192,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    },
+    "qwen2.5-7b": {
+        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False, "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    },
+    "llama-2-13b": {
+        "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+        "num_key_value_heads": 40, "vocab_size": 32000, "tie_word_embeddings": False, "max_position_embeddings": 4096,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+    },
+    "llama-3-70b": {
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "max_position_embeddings": 8192,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    },
+}  # fmt: skip
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPE_BYTES:
+        raise CoFiTuneError(f"`dtype` must be one of {sorted(DTYPE_BYTES)} (or bf16/fp16/fp32), got {dtype!r}.")
+    return name
+
+
+def load_config(config_or_model):
+    """A transformers config from a config, a dict, a `KNOWN_SHAPES` name, a local path/folder or a Hub id."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config_or_model, PretrainedConfig):
+        return config_or_model
+    if isinstance(config_or_model, dict):
+        values = dict(config_or_model)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    if isinstance(config_or_model, str) and config_or_model in KNOWN_SHAPES:
+        return load_config(KNOWN_SHAPES[config_or_model])
+    if isinstance(config_or_model, str):
+        try:
+            return AutoConfig.from_pretrained(config_or_model)
+        except (OSError, ValueError) as err:
+            raise CoFiTuneError(
+                f"cannot read a transformers config from {config_or_model!r} ({err}); pass a local config.json or "
+                f"model folder, a Hub id, or one of {sorted(KNOWN_SHAPES)}."
+            ) from err
+    raise CoFiTuneError(
+        f"`config_or_model` must be a config, dict, path, Hub id or model, got {type(config_or_model)}."
+    )
+
+
+def meta_model(config) -> nn.Module:
+    """The causal LM of `config` with every tensor on the meta device (shapes only, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "num_hidden_layers", None)
+    for _name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and len(module) > 0:
+            return module
+    raise CoFiTuneError("no ModuleList of `num_hidden_layers` decoder layers found; is this a decoder-only LM?")
+
+
+def _unique_numel(params) -> int:
+    seen, total = set(), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@dataclass
+class Shapes:
+    """What the memory model reads off a meta model: sizes and, per decoder layer, its linear modules."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    total_params: int
+    layer_linear_params: int  # weights of the nn.Linear modules inside the decoder layers (what bnb quantises)
+    linears: list[list[tuple[str, int, int]]]  # per layer: (name, in_features, out_features)
+    cofitune: dict = field(default_factory=dict)  # (layers, target_modules) -> (trainable, window, {layer: [names]})
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Shapes:
+        from cofitune_peft.architectures import dims_of
+
+        dims = dims_of(model)
+        layers = _decoder_layers(model)
+        linears = [
+            [(n, m.in_features, m.out_features) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            for layer in layers
+        ]
+        return cls(
+            num_layers=len(layers),
+            hidden=dims.hidden,
+            intermediate=max(o for lin in linears for _, _, o in lin if o != dims.hidden) if linears else 0,
+            num_heads=dims.num_heads,
+            num_kv_heads=dims.num_kv_heads,
+            head_dim=dims.head_dim,
+            vocab=model.get_output_embeddings().weight.shape[0],
+            total_params=_unique_numel(model.parameters()),
+            layer_linear_params=sum(i * o for lin in linears for _, i, o in lin),
+            linears=linears,
+        )
+
+
+def cofitune_plan(config, layers: tuple[int, int] | None = None, target_modules="ffn") -> tuple[int, tuple, dict]:
+    """`(trainable params, window, {layer: [wrapped module names]})` of a CoFiTune adapter, from `get_peft_model`
+    on a meta model (the real plan: default window, shorthands, architecture layouts)."""
+    from peft import get_peft_model
+
+    from cofitune_peft import CoFiTuneConfig
+
+    with torch.device("meta"):
+        peft_model = get_peft_model(meta_model(config), CoFiTuneConfig(layers=layers, target_modules=target_modules))
+    layer_list = _decoder_layers(peft_model)
+    wrapped: dict[int, list[str]] = {}
+    for index, layer in enumerate(layer_list):
+        names = [n.rsplit(".cofitune_delta", 1)[0] for n, p in layer.named_parameters() if p.requires_grad]
+        if names:
+            wrapped[index] = sorted(set(names))
+    trainable = _unique_numel(p for p in peft_model.parameters() if p.requires_grad)
+    window = tuple(peft_model.peft_config["default"].layers)
+    return trainable, window, wrapped
+
+
+@dataclass
+class MemoryEstimate:
+    """The result of `estimate_training_memory`: bytes per component, the two phases and the peak."""
+
+    method: str
+    settings: dict
+    components: dict[str, float]  # bytes
+    phases: dict[str, float]  # bytes
+    peak_bytes: float  # with the overhead
+    peak_allocated_bytes: float  # without it: what torch.cuda.max_memory_allocated measures
+    trainable_params: int
+    total_params: int
+    layers_in_backward: int
+    num_layers: int
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def fits(self, gpu_gib: float) -> bool:
+        return self.peak_bytes <= gpu_gib * GIB
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak_gib": self.peak_gib}
+
+
+class MemoryModel:
+    """The terms of the estimate for one model, method and setting. All sizes are in bytes; `N = batch * seq_len`
+    tokens, `a` = activation bytes (the dtype's), `c` = trainable-parameter bytes, `h, i, q = heads * head_dim,
+    kv = kv_heads * head_dim, nh` from the shapes, `V` the vocabulary."""
+
+    def __init__(self, shapes: Shapes, method: str, *, batch, seq_len, dtype, optimizer, base_quant, checkpointing,
+                 mask_mode, lora_rank, trainable_dtype, plan=None):  # fmt: skip
+        self.s, self.method, self.plan = shapes, method, plan
+        self.tokens = batch * seq_len
+        self.a = DTYPE_BYTES[dtype]
+        self.c = DTYPE_BYTES[trainable_dtype] if method != "full" else self.a
+        self.optimizer, self.base_quant, self.checkpointing = optimizer, base_quant, checkpointing
+        self.mask_mode, self.rank = mask_mode, lora_rank
+
+    # ---- parameters --------------------------------------------------------------------------------------------
+    def trainable_params(self) -> int:
+        """full: every parameter; LoRA/QLoRA: `r * (in + out)` per nn.Linear of the decoder layers ("all-linear");
+        CoFiTune: the wrapped modules' full-rank deltas (`in * out` each), from the real plan."""
+        if self.method == "full":
+            return self.s.total_params
+        if self.method in ("lora", "qlora"):
+            return sum(self.rank * (i + o) for lin in self.s.linears for _, i, o in lin)
+        return self.plan[0]
+
+    def base_weights(self) -> float:
+        """Unquantised: `total_params * a`. 4-bit: decoder-layer linears at `NF4_BYTES_PER_PARAM` (0.516 B, nf4 +
+        double-quant constants), 8-bit: at 1 B + 4 B per output row; embeddings, norms and lm_head stay at `a`."""
+        if self.base_quant == "none":
+            return self.s.total_params * self.a
+        rest = (self.s.total_params - self.s.layer_linear_params) * self.a
+        if self.base_quant == "4bit":
+            return rest + self.s.layer_linear_params * NF4_BYTES_PER_PARAM
+        rows = sum(o for lin in self.s.linears for _, _, o in lin)
+        return rest + self.s.layer_linear_params * INT8_BYTES_PER_PARAM + 4 * rows
+
+    def trainable_weights(self) -> float:
+        """PEFT methods: `trainable * c` (PEFT's `autocast_adapter_dtype` keeps adapters in fp32 by default);
+        full fine-tuning: 0 (they are the base weights)."""
+        return 0 if self.method == "full" else self.trainable_params() * self.c
+
+    def gradients(self) -> float:
+        """One gradient per trainable parameter, in its dtype: `trainable * c`."""
+        return self.trainable_params() * self.c
+
+    def optimizer_states(self) -> float:
+        """AdamW: two moments in the parameter dtype, `2 * c * trainable`; 8-bit AdamW (bitsandbytes): 2 bytes plus
+        block constants, `ADAMW8BIT_BYTES_PER_PARAM * trainable`."""
+        per = 2 * self.c if self.optimizer == "adamw" else ADAMW8BIT_BYTES_PER_PARAM
+        return self.trainable_params() * per
+
+    def optimizer_temporaries(self) -> float:
+        """torch's foreach AdamW holds one trainable-sized temporary (the denominator `sqrt(v) + eps`) during the
+        step: `trainable * c`; bitsandbytes' 8-bit kernel works in place: 0."""
+        return self.trainable_params() * self.c if self.optimizer == "adamw" else 0
+
+    def buffers(self) -> float:
+        """CoFiTune's soft-mask scales and row selections: two fp32 values per row of each wrapped module, and in
+        `update`/`gradient` mode a third (the broadcast factor); 0 for the other methods and for `none`."""
+        if self.method != "cofitune":
+            return 0
+        rows = sum(o for layer, names in self.plan[2].items() for n, _, o in self.s.linears[layer] if n in names)
+        return rows * 4 * (2 if self.mask_mode == "none" else 3)
+
+    # ---- activations -------------------------------------------------------------------------------------------
+    def layers_in_backward(self) -> int:
+        """Full fine-tuning, LoRA, QLoRA: all N layers; CoFiTune: the window's first layer and every layer above it
+        (autograd records nothing below the lowest trained module)."""
+        if self.method != "cofitune":
+            return self.s.num_layers
+        return self.s.num_layers - min(self.plan[2])
+
+    def _frozen_layer(self) -> float:
+        """A frozen decoder layer whose input needs a gradient, per token: `a * (3i + 2q + 2kv) + 8h + 4nh`: gate and
+        up outputs and act(gate) for the SwiGLU product, q and the attention output plus k and v for SDPA's backward,
+        the fp32 inputs of the two RMSNorms (4 bytes each) and the attention's fp32 log-sum-exp per head."""
+        s = self.s
+        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        return self.a * (3 * s.intermediate + 2 * q + 2 * kv) + 8 * s.hidden + 4 * s.num_heads
+
+    def _full_layer(self) -> float:
+        """A fully trained layer, per token: `a * (4i + 2q + 2kv + h) + 16h + 4nh`: the frozen layer's tensors plus
+        the inputs of every linear (for the weight gradients) and the fp32 normalised inputs of the two RMSNorms (for
+        their weights' gradients)."""
+        s = self.s
+        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        return self.a * (4 * s.intermediate + 2 * q + 2 * kv + s.hidden) + 16 * s.hidden + 4 * s.num_heads
+
+    def _lora_layer(self, linears) -> float:
+        """A LoRA layer, per token: the frozen layer plus each adapted linear's input for `lora_A`'s gradient and
+        the `r`-wide `lora_A` outputs: `frozen + a * (2h + i) + 7 * c * r` when `a == c` (q/k/v and gate/up share an
+        input), `frozen + c * sum(in_features) + n * c * r` when adapters are fp32 over a bf16/fp16 base (PEFT casts
+        the input to the adapter dtype once per module)."""
+        s, extra = self.s, len(linears) * self.c * self.rank
+        if self.a == self.c and self.base_quant == "none":
+            return self._frozen_layer() + self.a * (2 * s.hidden + s.intermediate) + extra
+        return self._frozen_layer() + self.c * sum(i for _, i, _ in linears) + extra
+
+    def _cofitune_layer(self, layer: int) -> float:
+        """A CoFiTune layer, per token. The lean masked linear saves only its input `x` (in the compute dtype: `a`,
+        or `c` over a quantised base where the delta runs apart) once per distinct input; W0 and the delta are
+        saved by reference. Window layers above the first: `frozen + b * (inputs)`; the window's first layer (its
+        input needs no gradient): `b * (inputs) + a * i` (act(gate), for the up projection's gradient) when only the
+        FFN trains; frozen layers above the window: `frozen`. The mask modes differ only in per-row buffers."""
+        names = self.plan[2].get(layer)
+        if not names:
+            return self._frozen_layer()
+        b = self.a if self.base_quant == "none" else self.c
+        groups = {}
+        for n, i, _ in self.s.linears[layer]:
+            if n in names:
+                short = n.rsplit(".", 1)[-1]
+                key = "attn" if short in _ATTN_IN else "mlp" if short in _MLP_IN else n
+                groups[key] = i
+        inputs = b * sum(groups.values())
+        attention_trained = any(n.rsplit(".", 1)[-1] in (*_ATTN_IN, "o_proj", "dense", "c_proj") for n in names)
+        if layer == min(self.plan[2]) and not attention_trained:
+            return inputs + self.a * self.s.intermediate
+        return self._frozen_layer() + inputs
+
+    def per_layer_activations(self) -> list[float]:
+        """Bytes saved for backward by each decoder layer without checkpointing (0 for layers below CoFiTune's
+        window): the per-token figure of its kind times `N`."""
+        n, out = self.s.num_layers, []
+        for layer in range(n):
+            if layer < n - self.layers_in_backward():
+                out.append(0.0)
+            elif self.method == "full":
+                out.append(self._full_layer() * self.tokens)
+            elif self.method in ("lora", "qlora"):
+                out.append(self._lora_layer(self.s.linears[layer]) * self.tokens)
+            else:
+                out.append(self._cofitune_layer(layer) * self.tokens)
+        return out
+
+    def activations(self) -> float:
+        """Without checkpointing: the sum of `per_layer_activations`. With it: each backward-pass layer keeps only
+        its input, `a * h * N` per layer, plus one layer's full activations while it is recomputed (the largest).
+        Plus the final norm and lm_head input, `(a + 4) * h * N`."""
+        per_layer = self.per_layer_activations()
+        head = (self.a + 4) * self.s.hidden * self.tokens
+        if not self.checkpointing:
+            return sum(per_layer) + head
+        return self.layers_in_backward() * self.a * self.s.hidden * self.tokens + max(per_layer) + head
+
+    def logits(self) -> float:
+        """The loss's peak, `12 * N * V`: transformers upcasts logits to fp32 and its cross-entropy saves the fp32
+        log-probabilities (4 B); in backward their gradient (4 B) and the logits' gradient (4 B) coexist with them.
+        (The forward's `a * N * V` logits plus the fp32 copy are freed by then, and are smaller.)"""
+        return 12 * self.tokens * self.s.vocab
+
+    def transient(self) -> float:
+        """A quantised base dequantises one weight at a time for its matmul: the largest decoder linear at `a`."""
+        if self.base_quant == "none":
+            return 0
+        return max(i * o for lin in self.s.linears for _, i, o in lin) * self.a
+
+    def components(self) -> dict[str, float]:
+        return {
+            "base_weights": self.base_weights(),
+            "trainable_weights": self.trainable_weights(),
+            "gradients": self.gradients(),
+            "optimizer_states": self.optimizer_states(),
+            "optimizer_temporaries": self.optimizer_temporaries(),
+            "buffers": self.buffers(),
+            "activations": self.activations(),
+            "logits": self.logits(),
+            "transient": self.transient(),
+        }
+
+
+def estimate_training_memory(
+    config_or_model,
+    method: str = "cofitune",
+    *,
+    batch: int = 1,
+    seq_len: int = 2048,
+    dtype="bfloat16",
+    optimizer: str = "adamw",
+    base_quant: str | None = None,
+    checkpointing: bool = True,
+    mask_mode: str = "update",
+    layers: tuple[int, int] | None = None,
+    target_modules="ffn",
+    lora_rank: int = 16,
+    trainable_dtype: str = "float32",
+    overhead_bytes: float = CUDA_OVERHEAD_BYTES,
+    shapes: Shapes | None = None,
+) -> MemoryEstimate:
+    """Estimate the peak memory of one training step on one GPU (no sharding), from the model's shapes.
+
+    Args:
+        config_or_model: a transformers config, a config dict, a `KNOWN_SHAPES` name, a local config path/folder, a
+            Hub id (only its config.json is read), or a model (its config is used; the model is not touched).
+        method (`str`): `"cofitune"` (default window and FFN unless `layers`/`target_modules`), `"lora"` (r=`lora_rank`,
+            all-linear), `"qlora"` (LoRA over a 4-bit nf4 base), `"full"` (every parameter, trained in `dtype`).
+        batch, seq_len (`int`): tokens per step are `batch * seq_len` (no packing or padding modelled).
+        dtype (`str`): the base model's and the activations' dtype: bfloat16/float16/float32 (or bf16/fp16/fp32).
+        optimizer (`str`): `"adamw"` (states in the parameter dtype) or `"adamw8bit"` (bitsandbytes).
+        base_quant (`str`, *optional*): `None`/`"none"`, `"4bit"` (nf4, double quant) or `"8bit"`; not for `full`.
+        checkpointing (`bool`): gradient checkpointing of every decoder layer (non-reentrant).
+        mask_mode (`str`): CoFiTune's `softmask_mode`; the modes differ only in small per-row buffers.
+        trainable_dtype (`str`): the adapters' dtype (PEFT keeps them in float32 by default).
+        overhead_bytes (`float`): CUDA context and allocator slack added to the peak; 0 for CPU.
+    """
+    method = method.lower()
+    dtype, trainable_dtype = _dtype_name(dtype), _dtype_name(trainable_dtype)
+    base_quant = "none" if base_quant in (None, "none") else base_quant
+    if method == "qlora":
+        base_quant = "4bit" if base_quant == "none" else base_quant
+    problems = []
+    if method not in METHODS:
+        problems.append(f"`method` must be one of {METHODS}, got {method!r}")
+    if optimizer not in OPTIMIZERS:
+        problems.append(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if base_quant not in BASE_QUANTS:
+        problems.append(f"`base_quant` must be one of {BASE_QUANTS}, got {base_quant!r}")
+    if mask_mode not in MASK_MODES:
+        problems.append(f"`mask_mode` must be one of {MASK_MODES}, got {mask_mode!r}")
+    if method == "full" and base_quant != "none":
+        problems.append("full fine-tuning cannot train a quantised base; use `base_quant=None`")
+    if batch < 1 or seq_len < 1:
+        problems.append(f"`batch` and `seq_len` must be >= 1, got {batch} and {seq_len}")
+    if problems:
+        raise CoFiTuneError("; ".join(problems) + ".")
+    config = config_or_model.config if isinstance(config_or_model, nn.Module) else load_config(config_or_model)
+    if shapes is None:
+        shapes = Shapes.from_model(meta_model(config))
+    plan = None
+    if method == "cofitune":
+        key = (tuple(layers) if layers else None, str(target_modules))
+        if key not in shapes.cofitune:
+            shapes.cofitune[key] = cofitune_plan(config, layers, target_modules)
+        plan = shapes.cofitune[key]
+    model = MemoryModel(
+        shapes, method, batch=batch, seq_len=seq_len, dtype=dtype, optimizer=optimizer, base_quant=base_quant,
+        checkpointing=checkpointing, mask_mode=mask_mode, lora_rank=lora_rank, trainable_dtype=trainable_dtype,
+        plan=plan,
+    )  # fmt: skip
+    comp = model.components()
+    static = comp["base_weights"] + comp["trainable_weights"] + comp["optimizer_states"] + comp["buffers"]
+    phases = {
+        "backward_start": static + comp["activations"] + comp["logits"] + comp["transient"],
+        "optimizer_step": static + comp["gradients"] + comp["optimizer_temporaries"],
+    }
+    allocated = max(phases.values())
+    settings = {
+        "batch": batch, "seq_len": seq_len, "dtype": dtype, "optimizer": optimizer, "base_quant": base_quant,
+        "checkpointing": checkpointing, "mask_mode": mask_mode if method == "cofitune" else None,
+        "window": plan[1] if plan else None, "lora_rank": lora_rank if method in ("lora", "qlora") else None,
+        "trainable_dtype": trainable_dtype if method != "full" else dtype, "overhead_bytes": overhead_bytes,
+    }  # fmt: skip
+    return MemoryEstimate(
+        method=method,
+        settings=settings,
+        components=comp,
+        phases=phases,
+        peak_bytes=allocated + overhead_bytes,
+        peak_allocated_bytes=allocated,
+        trainable_params=model.trainable_params(),
+        total_params=shapes.total_params,
+        layers_in_backward=model.layers_in_backward(),
+        num_layers=shapes.num_layers,
+    )
+
+
+def compare_methods(config_or_model, methods=("cofitune", "lora", "qlora", "full"), **kwargs) -> list[MemoryEstimate]:
+    """`estimate_training_memory` for several methods, building the meta model once."""
+    config = config_or_model.config if isinstance(config_or_model, nn.Module) else load_config(config_or_model)
+    shapes = Shapes.from_model(meta_model(config))
+    return [estimate_training_memory(config, m, shapes=shapes, **kwargs) for m in methods]
+
+
+def gib(value: float) -> float:
+    return math.floor(value / GIB * 100 + 0.5) / 100
