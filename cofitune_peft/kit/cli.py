@@ -15,12 +15,16 @@ from cofitune_peft import CoFiTuneError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "importance": ("cofitune_peft.kit.importance_command", "estimate unit importance (KL robustness proxy) and save it"),
+    "importance": (
+        "cofitune_peft.kit.importance_command",
+        "estimate unit importance (KL robustness proxy) and save it",
+    ),
     "search": ("cofitune_peft.kit.search.commands", "coarse search for the layer window and modules"),
     "report": ("cofitune_peft.kit.search.commands", "table and plot of a finished or partial search"),
     "demo": ("cofitune_peft.kit.demo", "the end-to-end experiment on SmolLM2-135M-Instruct"),
-    "memory": ("cofitune_peft.kit.memory_command", "peak training memory per GPU: CoFiTune vs LoRA/QLoRA/full"),
+    "compare": ("cofitune_peft.kit.compare", "methods on the speciality/versatility frontier, selected on validation"),
     "export": ("cofitune_peft.kit.export_command", "a CoFiTune adapter as a stock LoRA adapter or a merged model"),
+    "memory": ("cofitune_peft.kit.memory_command", "peak training memory per GPU: CoFiTune vs LoRA/QLoRA/full"),
 }
 
 
