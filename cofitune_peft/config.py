@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from .importance import Importance
 
 SOFTMASK_MODES = ("update", "gradient", "none")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+MASK_BUDGETS = ("raw", "mean_one")
 
 
 @dataclass
@@ -50,6 +52,23 @@ class CoFiTuneConfig(PeftConfig):
             works under AdamW, SGD or any optimizer; `"gradient"` scales the gradient (the paper's placement; Adam
             divides a constant per-row factor out again, so under AdamW it is close to a no-op unless a unit's
             importance is ~1: keep it for ablations and SGD); `"none"` ignores the importance.
+        mask_budget (`str`, *optional*, defaults to `"raw"`):
+            How much step the mask leaves. `"raw"`: each trained row's scale is `s = 1 - I` (the paper's mask; its mean
+            is well below 1, about 0.46 on SmolLM2, so a masked run at learning rate lr spends roughly the step budget of
+            an unmasked run at 0.46 lr). `"mean_one"`: the same shape rescaled by one factor per adapter, so that the
+            mean scale over all trained rows of all the adapter's modules is 1, each row capped at `mask_cap` (rows
+            with `I = 1` stay frozen). The rescaled factors are what the adapter file stores.
+        mask_cap (`float`, *optional*, defaults to `4.0`):
+            With `mask_budget="mean_one"`: the largest scale a row may get (>= 1). Rows that hit the cap are held there
+            and the others are rescaled again until the mean is 1; when too few rows can move for that (fewer than
+            1 / `mask_cap` of them unfrozen), every movable row sits at the cap and the mean stays below 1 (a warning
+            says so).
+        strength (`float`, *optional*, defaults to `1.0`):
+            Scales the trained change at every use: `W = W0 + strength * s * Delta` in the forward pass, in `merge`,
+            `get_delta_weight`, mixed-adapter batches and LoRA export (WiSE-FT for the adapter: `strength=0` is the
+            base model, `1` the trained adapter, values in between trace a curve from one training run). It also
+            multiplies the forward pass during training (Delta still receives W's gradient, so the weight moves
+            `strength` times the optimizer's step). Change it after training with `CoFiTuneModel.set_strength`.
         unit_map (`dict[str, str]`, *optional*, defaults to `None`):
             For architectures without a built-in layout: module name inside a decoder layer -> unit it feeds
             (`"intermediate"`, `"output"`, `"head"`, `"kv_head"`, `"head@in"` for columns grouped by head, or `"none"`).
@@ -97,6 +116,17 @@ class CoFiTuneConfig(PeftConfig):
     softmask_mode: str = field(
         default="update", metadata={"help": "'update' (works under AdamW), 'gradient' (the paper's), or 'none'."}
     )
+    mask_budget: str = field(
+        default="raw",
+        metadata={"help": "'raw' (scale 1 - I) or 'mean_one' (the same shape, mean scale 1 over trained rows)."},
+    )
+    mask_cap: float = field(
+        default=4.0, metadata={"help": "Largest per-row scale under mask_budget='mean_one' (>= 1)."}
+    )
+    strength: float = field(
+        default=1.0,
+        metadata={"help": "W = W0 + strength * s * Delta: scales the trained change (0: the base model)."},
+    )
     unit_map: dict[str, str] | None = field(
         default=None, metadata={"help": "Module name -> unit, for architectures without a built-in layout."}
     )
@@ -138,6 +168,7 @@ class CoFiTuneConfig(PeftConfig):
         problems += self._check_target_modules()
         if self.softmask_mode not in SOFTMASK_MODES:
             problems.append(f"`softmask_mode` must be one of {SOFTMASK_MODES}, got {self.softmask_mode!r}.")
+        problems += self._check_mask_strength()
         if self.importance is not None and not isinstance(self.importance, (Importance, str, os.PathLike)):
             problems.append(
                 "`importance` must be None, a path to an importance file or an `Importance`, "
@@ -165,6 +196,22 @@ class CoFiTuneConfig(PeftConfig):
                 problems.append(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
         if problems:
             raise CoFiTuneError("Invalid CoFiTuneConfig:\n  - " + "\n  - ".join(problems))
+
+    def _check_mask_strength(self) -> list[str]:
+        problems = []
+        if self.mask_budget not in MASK_BUDGETS:
+            problems.append(f"`mask_budget` must be one of {MASK_BUDGETS}, got {self.mask_budget!r}.")
+        if not _is_real(self.mask_cap) or not self.mask_cap >= 1.0:
+            problems.append(
+                f"`mask_cap` must be a finite number >= 1 (the largest per-row scale under "
+                f"`mask_budget='mean_one'`), got {self.mask_cap!r}."
+            )
+        else:
+            self.mask_cap = float(self.mask_cap)
+        problems += strength_problems(self.strength)
+        if not problems:
+            self.strength = float(self.strength)
+        return problems
 
     def _check_layers_to_transform(self) -> list[str]:
         ltt = self.layers_to_transform
@@ -249,6 +296,20 @@ class CoFiTuneConfig(PeftConfig):
     def pending_importance(self) -> Importance | str | None:
         """The importance `get_peft_model` installs: an in-memory one handed to the config, else the path."""
         return getattr(self, "_pending_importance", None) or self.importance
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def strength_problems(value) -> list[str]:
+    """The complaint about a bad `strength` (empty when it is a finite number)."""
+    if _is_real(value):
+        return []
+    return [
+        f"`strength` must be a finite number (W = W0 + strength * s * Delta: 0 is the base model, 1 the trained "
+        f"adapter), got {value!r}."
+    ]
 
 
 def describe_importance(importance: Importance) -> str:

@@ -9,6 +9,7 @@ normalisation of raw scores, and the per-row scale of a trained weight that the 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,6 +192,47 @@ class Importance:
         meta = {"combined_from": str(len(importances))}
         return cls(**combined, normalized=True, metadata=meta)
 
+    def top_fraction(self, fraction: float) -> Importance:
+        """A hard mask: importance 1 for the top `fraction` of units of every layer and part (by this importance), 0
+        for the rest.
+
+        Under `softmask_mode="update"` the chosen units' rows are frozen and every other row trains at the full rate
+        (scale 1). Per layer and part, `round(fraction * units)` units are chosen (half rounds up); ties go to the
+        lower unit index. Key/value heads under grouped-query attention take the max of their query heads, as for any
+        importance, so a k/v head is frozen when one of the query heads it serves is chosen.
+
+        Args:
+            fraction (`float`): in [0, 1]; 0 protects nothing (plain coarse fine-tuning), 1 freezes every unit.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from cofitune_peft import Importance
+        >>> hard = Importance(intermediate=torch.rand(4, 48)).top_fraction(0.25)
+        >>> hard.intermediate.sum(dim=1).tolist()
+        [12.0, 12.0, 12.0, 12.0]
+        ```
+        """
+        ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0.0 <= fraction <= 1.0
+        if not ok:
+            raise CoFiTuneError(
+                f"`fraction` must be a number in [0, 1] (the share of units per layer to freeze), got {fraction!r}."
+            )
+        hard = {}
+        for part, values in self.parts().items():
+            units = values.shape[1]
+            count = math.floor(fraction * units + 0.5)
+            # stable descending sort: equal values keep their index order, so the lower index wins a tie
+            order = torch.sort(values, dim=1, descending=True, stable=True).indices  # [layers, units]
+            mask = torch.zeros_like(values)  # [layers, units]
+            mask.scatter_(1, order[:, :count], 1.0)
+            hard[part] = mask
+        metadata = {**self.metadata, "top_fraction": repr(float(fraction))}
+        out = Importance(**hard, normalized=True, metadata=metadata)
+        out.normalization = self.normalization
+        return out
+
     def to(self, *args, **kwargs) -> Importance:
         """A copy with every part moved/cast like `Tensor.to`."""
         moved = {p: v.to(*args, **kwargs) for p, v in self.parts().items()}
@@ -345,3 +387,34 @@ def module_scale(
         else:
             parts.append(keep.repeat_interleave(width // keep.shape[0]))
     return torch.cat(parts), uncovered  # [size]
+
+
+def mean_one_factor(scales: torch.Tensor, cap: float) -> float:
+    """The factor `c` for which `min(c * scales, cap)` has mean 1 (water-filling), for `mask_budget="mean_one"`.
+
+    `c * scales` keeps the mask's shape (and the order of the rows); rows that would exceed `cap` are held at it and the
+    others are rescaled again, until no new row reaches the cap. When the rows that can move cannot reach a mean of 1
+    even at the cap (too many zero scales), every nonzero row ends at the cap and the mean stays below 1: check it with
+    `min(c * scales, cap).mean()`.
+
+    Args:
+        scales (`torch.Tensor`): `[rows]`, the raw scales `1 - I` (>= 0) of the trained rows, pooled over modules.
+        cap (`float`): the largest scale a row may get (>= 1).
+    """
+    values = scales.detach().double().flatten().cpu()  # [rows]
+    n = values.numel()
+    if n == 0:
+        return 1.0
+    capped = torch.zeros(n, dtype=torch.bool)
+    factor = 1.0
+    for _ in range(n + 1):  # the capped set only grows, so this ends after at most n rounds
+        free_total = float(values[~capped].sum())
+        budget = n - cap * int(capped.sum())
+        if free_total <= 0.0 or budget <= 0.0:
+            break
+        factor = budget / free_total
+        grown = capped | (factor * values >= cap)
+        if torch.equal(grown, capped):
+            break
+        capped = grown
+    return factor

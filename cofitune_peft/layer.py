@@ -9,6 +9,9 @@ Modes (see `CoFiTuneConfig.softmask_mode`), with `s = 1 - I` per row (or column)
   the paper's placement; Adam divides a constant per-row factor out again, so under AdamW it is close to a no-op.
 - `none`:     W = W0 + r * Delta.
 
+A per-adapter `strength` (`CoFiTuneConfig.strength`, default 1) multiplies the forward factor in every mode,
+W = W0 + strength * (...) * Delta, and leaves the gradient factor alone: the weight moves `strength` times the step.
+
 All three are ops inside the forward pass, so they are right under DDP, FSDP1 and FSDP2 and survive
 `cast_adapter_dtype` (parameter hooks would not; see docs/method.md).
 
@@ -174,7 +177,13 @@ class CoFiTuneLayer(BaseTunerLayer):
     """Mixin holding the CoFiTune state of one wrapped module (one entry per adapter name)."""
 
     adapter_layer_names: tuple[str, ...] = ("cofitune_delta",)
-    other_param_names: tuple[str, ...] = ("cofitune_scale", "cofitune_rows", "cofitune_mode", "cofitune_axis")
+    other_param_names: tuple[str, ...] = (
+        "cofitune_scale",
+        "cofitune_rows",
+        "cofitune_mode",
+        "cofitune_axis",
+        "cofitune_strength",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -185,6 +194,8 @@ class CoFiTuneLayer(BaseTunerLayer):
         self.cofitune_rows = BufferDict({}, persistent=False)
         self.cofitune_mode: dict[str, str] = {}
         self.cofitune_axis: dict[str, int] = {}
+        # W = W0 + strength * s * Delta; from the config (`strength`), changed by `CoFiTuneModel.set_strength`.
+        self.cofitune_strength: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.is_conv1d = isinstance(base_layer, Conv1D)
@@ -206,6 +217,7 @@ class CoFiTuneLayer(BaseTunerLayer):
         mode: str,
         init_weights: bool = True,
         inference_mode: bool = False,
+        strength: float = 1.0,
     ) -> None:
         weight = self.get_base_layer().weight
         shape = full_shape(weight)
@@ -229,6 +241,7 @@ class CoFiTuneLayer(BaseTunerLayer):
         self.cofitune_rows[adapter_name] = rows.to(torch.float32)
         self.cofitune_mode[adapter_name] = mode
         self.cofitune_axis[adapter_name] = dim
+        self.cofitune_strength[adapter_name] = float(strength)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -237,11 +250,15 @@ class CoFiTuneLayer(BaseTunerLayer):
         return vector.unsqueeze(1) if self.cofitune_axis[adapter_name] == 0 else vector.unsqueeze(0)
 
     def effective_scale(self, adapter_name: str) -> torch.Tensor:
-        """The factor by which this adapter's delta reaches the weight in the forward pass, per row/column."""
+        """The factor by which this adapter's delta reaches the weight in the forward pass, per row/column.
+
+        `rows * scale` (`update` mode) or `rows`, times the adapter's `strength` when it is not 1.
+        """
         rows = self.cofitune_rows[adapter_name]
         if self.cofitune_mode[adapter_name] == "update":
-            return rows * self.cofitune_scale[adapter_name]
-        return rows
+            rows = rows * self.cofitune_scale[adapter_name]
+        strength = self.cofitune_strength.get(adapter_name, 1.0)
+        return rows if strength == 1.0 else rows * strength
 
     def gradient_scale(self, adapter_name: str) -> torch.Tensor:
         """The factor applied to the gradient that reaches the delta, per row/column."""

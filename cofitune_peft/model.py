@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import _compat
 from .architectures import decoder_layers, spec_for
-from .config import CoFiTuneConfig, describe_importance
+from .config import CoFiTuneConfig, describe_importance, strength_problems
 from .errors import CoFiTuneError
 from .importance import Importance, resolve_importance
 from .layer import CoFiTuneLayer, Linear
@@ -61,6 +61,7 @@ class CoFiTuneModel(BaseTuner):
             "mode": peft_config.softmask_mode,
             "init_weights": peft_config.init_weights,
             "inference_mode": peft_config.inference_mode,
+            "strength": getattr(peft_config, "strength", 1.0),
         }
         if isinstance(target, CoFiTuneLayer):
             target.update_layer(adapter_name, **layer_kwargs)
@@ -159,6 +160,37 @@ class CoFiTuneModel(BaseTuner):
             stored.importance = os.fspath(stored.importance)
         stored.importance_source = None if resolved is None else describe_importance(resolved)
         self._importances[adapter_name] = resolved
+
+    def set_strength(self, value: float, adapter_name: str | None = None) -> None:
+        """Set the strength of `adapter_name` (default: the active adapter): `W = W0 + value * s * Delta`.
+
+        No retraining: the config's `strength` (saved with the adapter) and every layer of the adapter change at once,
+        so the forward pass, `merge`, `get_delta_weight`, mixed-adapter batches and LoRA export all use the new value.
+        `0` is the base model, `1` the trained adapter; one training run thus traces a curve (WiSE-FT for the
+        adapter). Raises `CoFiTuneError` for a non-finite value, an unknown adapter, or while the adapter is merged
+        (unmerge it first: the merged weights hold the old strength).
+
+        Example:
+
+        ```python
+        >>> peft_model.base_model.set_strength(0.5)  # doctest: +SKIP
+        ```
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(self.peft_config)}.")
+        problems = strength_problems(value)
+        if problems:
+            raise CoFiTuneError(problems[0])
+        layers = [layer for _, layer in self.cofitune_layers() if adapter_name in layer.cofitune_strength]
+        if any(adapter_name in layer.merged_adapters for layer in layers):
+            raise CoFiTuneError(
+                f"`set_strength`: adapter {adapter_name!r} is merged into the base weights with its old strength; "
+                "call `unmerge_adapter()` first, set the strength, then merge again."
+            )
+        for layer in layers:
+            layer.cofitune_strength[adapter_name] = float(value)
+        self.peft_config[adapter_name].strength = float(value)
 
     def get_importance(self, adapter_name: str | None = None) -> Importance | None:
         """The importance the soft mask of `adapter_name` was built from in this process (None: none, or loaded).

@@ -30,7 +30,7 @@ from .architectures import (
 )
 from .config import CoFiTuneConfig
 from .errors import CoFiTuneError
-from .importance import Importance, module_scale
+from .importance import Importance, mean_one_factor, module_scale
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PlanEntry:
     target: Target
-    scale: torch.Tensor  # [axis size], 1 - I
+    scale: torch.Tensor  # [axis size], 1 - I (rescaled under mask_budget='mean_one')
     rows: torch.Tensor  # [axis size], 0/1 row selection
 
 
@@ -140,7 +140,30 @@ def build_plan(model: nn.Module, config: CoFiTuneConfig, importance: Importance 
         )
     if importance is not None and config.softmask_mode == "none":
         logger.info("`importance` is given but `softmask_mode='none'`: the soft mask is off.")
+    if config.mask_budget == "mean_one":
+        apply_mean_one(entries, config.mask_cap)
     return Plan(spec=spec, dims=dims, layers=layers, entries=entries)
+
+
+def apply_mean_one(entries: dict[str, PlanEntry], cap: float) -> float:
+    """Rescale every entry's scale in place by one factor, so the mean over all trained rows is 1 (rows capped at `cap`).
+
+    One factor for the whole adapter (not one per module) keeps the mask's shape across modules and layers as well as
+    within them: only the adapter's total step budget changes. Untrained rows of fused modules are rescaled too (their
+    scale is never used). Returns the factor.
+    """
+    trained = torch.cat([e.scale[e.rows > 0] for e in entries.values()])  # [trained rows of the adapter]
+    factor = mean_one_factor(trained, cap)
+    for entry in entries.values():
+        entry.scale = (entry.scale.double() * factor).clamp_max(cap).float()
+    mean = float(torch.cat([e.scale[e.rows > 0] for e in entries.values()]).double().mean()) if len(trained) else 1.0
+    if mean < 1.0 - 1e-4:
+        warnings.warn(
+            f"`mask_budget='mean_one'`: too few rows can move for a mean scale of 1 under `mask_cap`={cap} (every "
+            f"movable row is at the cap, mean {mean:.3f}); raise `mask_cap` or protect fewer units.",
+            stacklevel=4,
+        )
+    return factor
 
 
 def _resolve_layers(config: CoFiTuneConfig, num_layers: int) -> tuple[int, ...]:
