@@ -341,3 +341,44 @@ def test_bad_values_are_refused_all_at_once():
     for value in (float("inf"), True, "1", None):
         with pytest.raises(CoFiTuneError, match="`strength`"):
             CoFiTuneConfig(strength=value)
+
+
+# ------------------------------------------------------------------------------------ the comparison's new methods
+
+GENERAL = [
+    "The river runs through the old town and past the mill.",
+    "Paris is the capital of France; Rome is the capital of Italy.",
+    "A library keeps books, maps and old newspapers for readers.",
+    "Mountains rise to the north of the valley, snow on the peaks.",
+]
+
+
+def test_mask_variant_methods_build_what_they_say(tmp_path):
+    from tiny_models import tiny_tokenizer
+
+    from cofitune_peft import estimate_importance
+    from cofitune_peft.kit.compare import DEFAULT_LEARNING_RATES, METHODS, MethodSettings
+
+    tok = tiny_tokenizer()
+    shared = estimate_importance(tiny_model(num_layers=4), GENERAL, tokenizer=tok, num_samples=3, progress=False)
+    settings = MethodSettings(
+        tokenizer=tok, general_texts=GENERAL, importance=shared, cache_dir=str(tmp_path), importance_kwargs={}
+    )
+    names = ("cofitune_mask_mean1", "cofitune_onesided", "cofitune_fisher", "cofitune_hard")
+    for name in names:
+        assert METHODS[name].needs_importance and METHODS[name].family == "cofitune"
+        assert len(DEFAULT_LEARNING_RATES[name]) == 3
+    built = {name: METHODS[name].build(tiny_model(num_layers=4), settings) for name in names}
+    assert built["cofitune_mask_mean1"].base_model.mask_statistics()["mask_mean_scale"] == pytest.approx(1, abs=1e-5)
+    for name in ("cofitune_onesided", "cofitune_fisher"):
+        own = built[name].base_model.get_importance()
+        assert own is not shared and own.metadata["num_samples"] == "3"  # the shared estimate's settings
+    assert built["cofitune_onesided"].base_model.get_importance().metadata["normalization"] == "one_sided"
+    assert built["cofitune_fisher"].base_model.get_importance().metadata["signal"] == "fisher"
+    assert len(list(tmp_path.glob("importance-cofitune_onesided-*.safetensors"))) == 1  # cached for the next lr
+    again = METHODS["cofitune_onesided"].build(tiny_model(num_layers=4), settings).base_model.get_importance()
+    torch.testing.assert_close(again.intermediate, built["cofitune_onesided"].base_model.get_importance().intermediate)
+    hard = built["cofitune_hard"].base_model.get_importance()
+    assert torch.equal(hard.intermediate, shared.top_fraction(0.1).intermediate)
+    with pytest.raises(CoFiTuneError, match="needs `general_texts` and a `tokenizer`"):
+        METHODS["cofitune_fisher"].build(tiny_model(num_layers=4), MethodSettings(importance=shared))

@@ -2,12 +2,14 @@
 
 Each method is built with the library that owns it: CoFiTune variants with `CoFiTuneConfig`, LoRA, CorDA and OSF with
 PEFT, full fine-tuning and its L1/L2-to-base variants with plain PyTorch. WiSE-FT trains nothing: it interpolates the
-base and full fine-tuning weights, so the comparison derives it from the full fine-tuning runs. Add a method with
-`register_method(Method(...))`.
+base and full fine-tuning weights, so the comparison derives it from the full fine-tuning runs. Variants of the
+update mask are `MaskedCoFiTune` builders: each may estimate its own importance (`importance_spec`), cut it to a hard
+mask (`top_fraction`) or change the config (`mask_budget`). Add a method with `register_method(Method(...))`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +48,10 @@ class MethodSettings:
             spread over them so that it enters once per step).
         cache_dir (`str`, *optional*): where builders cache data-driven steps (CorDA's decomposition).
         importance (`Importance`, *optional*): set by the comparison for methods with `needs_importance`.
+        importance_kwargs (`dict[str, Any]`): `estimate_importance` arguments for the methods that estimate an
+            importance of their own (`MaskedCoFiTune` with an `importance_spec`); their spec overrides these. Arguments
+            missing here are taken from the shared `importance`'s metadata where it records them (`num_samples`,
+            `dropout`, `accumulate`, `seed`), else `estimate_importance`'s defaults.
     """
 
     tokenizer: Any = None
@@ -59,6 +65,7 @@ class MethodSettings:
     micro_batches: int = 1
     cache_dir: str | None = None
     importance: Any = None
+    importance_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """The settings that change what builders build (for the comparison's cache key)."""
@@ -171,6 +178,77 @@ def build_cofitune_gradient(model: nn.Module, settings: MethodSettings) -> nn.Mo
 def build_vsoftmask(model: nn.Module, settings: MethodSettings) -> nn.Module:
     importance = _need_importance(settings, "vsoftmask")
     return _cofitune(model, settings, layers=(0, _num_layers(model)), target_modules="all", importance=importance)
+
+
+# Estimation settings an `Importance` from `estimate_importance` records in its metadata, with their types.
+_RECORDED = {"num_samples": int, "dropout": float, "accumulate": str, "seed": int}
+
+
+def method_importance(model: nn.Module, settings: MethodSettings, name: str, spec: Mapping[str, Any]):
+    """The importance of a method whose estimation differs from the comparison's shared one by `spec`.
+
+    `spec` holds `estimate_importance` arguments (`{"normalization": "one_sided"}`, `{"signal": "fisher"}`); the
+    others are `settings.importance_kwargs`, else what the shared importance recorded. Estimated on `model` (the fresh
+    base model the builder receives) from `settings.general_texts`, and cached in `settings.cache_dir` when set, so
+    every learning rate of a method reuses one estimate. An empty `spec` is the shared importance itself.
+    """
+    from cofitune_peft import Importance, estimate_importance
+
+    if not spec:
+        return _need_importance(settings, name)
+    texts = [t for t in settings.general_texts if t and t.strip()]
+    if not texts or settings.tokenizer is None:
+        raise CoFiTuneError(
+            f"method {name!r} estimates its own importance ({dict(spec)}) and needs `general_texts` and a "
+            "`tokenizer` in its settings."
+        )
+    kwargs = {}
+    recorded = getattr(settings.importance, "metadata", None) or {}
+    for key, kind in _RECORDED.items():
+        if key in recorded:
+            with contextlib.suppress(ValueError):  # a hand-written metadata value: fall back to the default
+                kwargs[key] = kind(recorded[key])
+    kwargs.update(settings.importance_kwargs)
+    kwargs.update(spec)
+    kwargs["progress"] = False
+    path = None
+    if settings.cache_dir:
+        os.makedirs(settings.cache_dir, exist_ok=True)
+        key = fingerprint(
+            [texts, {k: v for k, v in sorted(kwargs.items()) if k != "progress"}, model.config.to_dict()]
+        )
+        path = os.path.join(settings.cache_dir, f"importance-{name}-{key}.safetensors")
+        if os.path.isfile(path):
+            return Importance.load(path)
+    logger.info("method %s: estimating its importance with %s", name, dict(spec))
+    importance = estimate_importance(model, texts, tokenizer=settings.tokenizer, **kwargs)
+    if path is not None:
+        importance.save(path)
+    return importance
+
+
+@dataclass(frozen=True)
+class MaskedCoFiTune:
+    """The builder of a CoFiTune variant with a soft mask: which importance, which hard cut, which config.
+
+    Args:
+        name (`str`): the method's registry name (for messages and cache files).
+        importance_spec (`dict[str, Any]`): `estimate_importance` arguments in which this method's importance differs
+            from the comparison's shared one (see `method_importance`); empty: the shared importance.
+        top_fraction (`float`, *optional*): turn the importance into a hard mask, `Importance.top_fraction`.
+        config (`dict[str, Any]`): `CoFiTuneConfig` arguments (`softmask_mode` defaults to `"update"`).
+    """
+
+    name: str
+    importance_spec: dict[str, Any] = field(default_factory=dict)
+    top_fraction: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, model: nn.Module, settings: MethodSettings) -> nn.Module:
+        importance = method_importance(model, settings, self.name, self.importance_spec)
+        if self.top_fraction is not None:
+            importance = importance.top_fraction(self.top_fraction)
+        return _cofitune(model, settings, importance=importance, **{"softmask_mode": "update", **self.config})
 
 
 class _InjectGradient(torch.autograd.Function):
@@ -330,6 +408,41 @@ for _m in (
     Method("cofitune_mask", build_cofitune_mask, (2e-4, 6e-4, 2e-3), "CoFiTune + update mask", "cofitune", True),
     Method("cofitune_gradient", build_cofitune_gradient, _ADAPTER_LRS, "CoFiTune + gradient mask", "cofitune", True),
     Method("vsoftmask", build_vsoftmask, (2e-5, 6e-5, 2e-4), "soft mask, whole model", "cofitune", True),
+    # Variants of the update mask (issue 11). mean_one gives the mask the coarse run's step budget, so it shares the
+    # coarse grid; one-sided protection leaves about half the units free (mean scale near 0.7); the Fisher mask is
+    # normalised like the KL one (mean scale near 0.46); the hard mask trains 90% of the rows at the full rate.
+    Method(
+        "cofitune_mask_mean1",
+        MaskedCoFiTune("cofitune_mask_mean1", config={"mask_budget": "mean_one"}),
+        _ADAPTER_LRS,
+        "CoFiTune + update mask, mean scale 1",
+        "cofitune",
+        True,
+    ),
+    Method(
+        "cofitune_onesided",
+        MaskedCoFiTune("cofitune_onesided", importance_spec={"normalization": "one_sided"}),
+        (1.5e-4, 4.5e-4, 1.5e-3),
+        "CoFiTune + update mask, one-sided importance",
+        "cofitune",
+        True,
+    ),
+    Method(
+        "cofitune_fisher",
+        MaskedCoFiTune("cofitune_fisher", importance_spec={"signal": "fisher"}),
+        (2e-4, 6e-4, 2e-3),
+        "CoFiTune + update mask, Fisher importance",
+        "cofitune",
+        True,
+    ),
+    Method(
+        "cofitune_hard",
+        MaskedCoFiTune("cofitune_hard", top_fraction=0.1),
+        _ADAPTER_LRS,
+        "CoFiTune, top 10% of units frozen",
+        "cofitune",
+        True,
+    ),
     Method("l1", build_l1, _FULL_LRS, "full FT + L1 to base"),
     Method("l2", build_l2, _FULL_LRS, "full FT + L2 to base"),
     Method("wiseft", None, (0.25, 0.5, 0.75), "WiSE-FT (base/full interpolation)", derived_from="full"),
