@@ -12,6 +12,7 @@ import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,86 +57,43 @@ def _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, s
     return tuple(p for p in PARTS if p in parts)
 
 
-def _estimate_raw(
-    model: nn.Module,
-    data,
-    *,
-    tokenizer=None,
-    num_samples: int | None = 512,
-    batch_size: int = 8,
-    max_length: int = 256,
-    dropout: float = 0.003,
-    accumulate: str = "abs",
-    seed: int = 0,
-    parts: Sequence[str] = PARTS,
-    text_field: str | None = None,
-    progress: bool = True,
-    signal: str = "kl",
-) -> _Raw:
-    """The raw (un-normalised) scores behind `estimate_importance`; same arguments."""
-    parts = _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, signal)
-    is_loader = _check_data(data, tokenizer)
-    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-    base = model.get_base_model() if is_peft else model
-    spec = spec_for(base)
+@dataclass(frozen=True)
+class _Settings:
+    """The keyword arguments of `estimate_importance` that shape the raw scores (documented there)."""
+
+    tokenizer: Any = None
+    num_samples: int | None = 512
+    batch_size: int = 8
+    max_length: int = 256
+    dropout: float = 0.003
+    accumulate: str = "abs"
+    seed: int = 0
+    parts: Sequence[str] = PARTS
+    text_field: str | None = None
+    progress: bool = True
+    signal: str = "kl"
+
+
+def _estimate_raw(model: nn.Module, data, **settings) -> _Raw:
+    """The raw (un-normalised) scores behind `estimate_importance`; the same keyword arguments (`_Settings`)."""
+    opts = _Settings(**settings)
+    parts = _validate(
+        opts.num_samples, opts.batch_size, opts.max_length, opts.dropout, opts.accumulate, opts.parts, opts.signal
+    )
+    is_loader = _check_data(data, opts.tokenizer)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     if is_loader:
-        batches = _loader_batches(data, num_samples, rank, world)
+        batches = _loader_batches(data, opts.num_samples, rank, world)
     else:
-        batches = _text_batches(data, tokenizer, text_field, num_samples, batch_size, max_length, rank, world)
+        batches = _text_batches(
+            data, opts.tokenizer, opts.text_field, opts.num_samples, opts.batch_size, opts.max_length, rank, world
+        )
     total = None
     if hasattr(data, "__len__") and not is_loader:
-        total = len(range(rank, min(len(data), num_samples or len(data)), world))
-
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    device = model.get_input_embeddings().weight.device
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    gates = None
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=cuda))
-            stack.enter_context(torch.enable_grad())
-            if is_peft:
-                stack.enter_context(model.disable_adapter())
-            model.eval()
-            for p, _ in flags:
-                p.requires_grad_(False)
-            gates = _Gates(base, spec, parts, float(dropout) if signal == "kl" else 0.0)
-            flat = gates.flat()
-            sums = [torch.zeros_like(g) for g in flat]
-            num_tokens = num_seen = 0
-            bar = _progress_bar(total, disable=not progress or rank != 0)
-            for input_ids, attention_mask, n in batches:
-                digest = zlib.crc32(input_ids.to(torch.int64).cpu().numpy().tobytes())
-                gates.reseed((seed * 0x9E3779B97F4A7C15 + digest) % 2**63)
-                proxy = _kl_proxy if signal == "kl" else _lm_loss
-                loss = proxy(model, input_ids.to(device), attention_mask.to(device))
-                # autograd.grad returns this batch's gradient alone: no zeroing needed between batches.
-                grads = torch.autograd.grad(loss, flat, allow_unused=True)
-                if any(g is None for g in grads):
-                    raise CoFiTuneError(
-                        f"the importance gates of this {type(base).__name__} were not reached in the forward pass; "
-                        "its attention or FFN does not call the modules named in `architectures.ARCHITECTURES`."
-                    )
-                for acc, grad in zip(sums, grads):
-                    if signal == "fisher":
-                        acc += grad.square()
-                    else:
-                        acc += grad.abs() if accumulate == "abs" else grad
-                num_tokens += int(attention_mask.sum())
-                num_seen += n
-                bar.update(n)
-            bar.close()
-    finally:
-        if gates is not None:
-            gates.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
-
+        total = len(range(rank, min(len(data), opts.num_samples or len(data)), world))
+    bar = _progress_bar(total, disable=not opts.progress or rank != 0)
+    gates, sums, num_tokens, num_seen = _accumulate(model, batches, parts, opts, bar)
     flat_sums = torch.cat([s.detach().double().cpu() for s in sums])  # [total gate units]
     counts = torch.tensor([num_tokens, num_seen], dtype=torch.float64)
     if distributed:
@@ -152,6 +110,64 @@ def _estimate_raw(
         out[part] = (flat_sums[offset : offset + layers * width].view(layers, width) / num_tokens).float()
         offset += layers * width
     return _Raw(out, num_tokens, num_seen)
+
+
+def _accumulate(model: nn.Module, batches, parts: tuple[str, ...], opts: _Settings, bar):
+    """Run the gated model over `batches`; `(gates, per-gate gradient sums, tokens, examples)` of this rank.
+
+    The model's weights, train/eval modes, `requires_grad` flags and RNG state are restored afterwards; a PeftModel
+    is estimated on its base weights.
+    """
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+    base = model.get_base_model() if is_peft else model
+    spec = spec_for(base)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    device = model.get_input_embeddings().weight.device
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    proxy = _kl_proxy if opts.signal == "kl" else _lm_loss
+    gates = None
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=cuda))
+            stack.enter_context(torch.enable_grad())
+            if is_peft:
+                stack.enter_context(model.disable_adapter())
+            model.eval()
+            for p, _ in flags:
+                p.requires_grad_(False)
+            gates = _Gates(base, spec, parts, float(opts.dropout) if opts.signal == "kl" else 0.0)
+            flat = gates.flat()
+            sums = [torch.zeros_like(g) for g in flat]
+            num_tokens = num_seen = 0
+            for input_ids, attention_mask, n in batches:
+                digest = zlib.crc32(input_ids.to(torch.int64).cpu().numpy().tobytes())
+                gates.reseed((opts.seed * 0x9E3779B97F4A7C15 + digest) % 2**63)
+                loss = proxy(model, input_ids.to(device), attention_mask.to(device))
+                # autograd.grad returns this batch's gradient alone: no zeroing needed between batches.
+                grads = torch.autograd.grad(loss, flat, allow_unused=True)
+                if any(g is None for g in grads):
+                    raise CoFiTuneError(
+                        f"the importance gates of this {type(base).__name__} were not reached in the forward pass; "
+                        "its attention or FFN does not call the modules named in `architectures.ARCHITECTURES`."
+                    )
+                for acc, grad in zip(sums, grads):
+                    if opts.signal == "fisher":
+                        acc += grad.square()
+                    else:
+                        acc += grad.abs() if opts.accumulate == "abs" else grad
+                num_tokens += int(attention_mask.sum())
+                num_seen += n
+                bar.update(n)
+            bar.close()
+    finally:
+        if gates is not None:
+            gates.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+    return gates, sums, num_tokens, num_seen
 
 
 def _progress_bar(total: int | None, disable: bool):
