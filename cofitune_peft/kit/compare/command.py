@@ -8,7 +8,6 @@ test) with the `importance` split of `general_texts` for importance and CorDA. O
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 
@@ -16,33 +15,9 @@ import torch
 
 from cofitune_peft import CoFiTuneError
 
+from .._cli_common import read_jsonl, read_text_chunks
 from .methods import DEFAULT_LEARNING_RATES, METHODS, MethodSettings
 from .runner import DEFAULT_METHODS, EvalSplit, compare_methods
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise CoFiTuneError(f"no file at {path!r}.")
-    with open(path) as fh:
-        items = [json.loads(line) for line in fh if line.strip()]
-    if not items:
-        raise CoFiTuneError(f"{path!r} holds no JSON lines.")
-    return items
-
-
-def _read_text(path: str, min_chars: int = 800) -> list[str]:
-    """Blank-line separated paragraphs of a text file, merged into chunks of at least `min_chars` characters."""
-    if not os.path.isfile(path):
-        raise CoFiTuneError(f"no file at {path!r}.")
-    with open(path) as fh:
-        paragraphs = [p.strip() for p in fh.read().split("\n\n") if p.strip()]
-    chunks, current = [], ""
-    for p in paragraphs:
-        current = f"{current}\n\n{p}" if current else p
-        if len(current) >= min_chars:
-            chunks.append(current)
-            current = ""
-    return chunks + ([current] if current else [])
 
 
 def parse_grids(values: list[str] | None) -> dict[str, list[float]]:
@@ -136,7 +111,8 @@ def _preset_arithmetic(args, tokenizer):
 
 
 def _from_files(args, tokenizer):
-    from ..evaluation import SpecialityEval, VersatilityEval
+    from ..evaluation import VersatilityEval
+    from ..evaluation.speciality import speciality_for_examples
 
     missing = [f"--{o}" for o in ("train", "val-eval", "test-eval") if not getattr(args, o.replace("-", "_"))]
     if missing:
@@ -144,26 +120,23 @@ def _from_files(args, tokenizer):
     progress = not args.no_progress
     splits = {}
     for name, prefix in (("validation", "val"), ("test", "test")):
-        items = _read_jsonl(getattr(args, f"{prefix}_eval"))
-        if all("options" in x for x in items):
-            spec = SpecialityEval.multiple_choice(items, tokenizer=tokenizer, progress=progress)
-        else:
-            spec = SpecialityEval.exact_match(
-                items, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, progress=progress
-            )
+        items = read_jsonl(getattr(args, f"{prefix}_eval"))
+        spec = speciality_for_examples(
+            items, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, progress=progress
+        )
         general_path, probes_path = getattr(args, f"{prefix}_general"), getattr(args, f"{prefix}_probes")
         if not general_path and not probes_path:
             raise CoFiTuneError(f"pass `--{prefix}-general` and/or `--{prefix}-probes` for the {name} versatility.")
         vers = VersatilityEval.default(
-            _read_text(general_path) if general_path else None,
-            _read_jsonl(probes_path) if probes_path else None,
+            read_text_chunks(general_path) if general_path else None,
+            read_jsonl(probes_path) if probes_path else None,
             tokenizer=tokenizer,
             max_new_tokens=args.max_new_tokens,
             progress=progress,
         )
         splits[name] = EvalSplit(spec, vers)
-    general = _read_text(args.general) if args.general else []
-    return _read_jsonl(args.train), splits, general
+    general = read_text_chunks(args.general) if args.general else []
+    return read_jsonl(args.train), splits, general
 
 
 def compare_command(args: argparse.Namespace) -> int:

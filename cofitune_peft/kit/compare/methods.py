@@ -397,6 +397,11 @@ def register_method(method: Method, *, overwrite: bool = False) -> Method:
     return method
 
 
+def _masked_variant(name: str, learning_rates: tuple[float, ...], label: str, **variant) -> Method:
+    """A registry entry for a variant of the update mask, built by `MaskedCoFiTune(name, **variant)`."""
+    return Method(name, MaskedCoFiTune(name, **variant), learning_rates, label, "cofitune", True)
+
+
 _FULL_LRS = (1e-5, 3e-5, 1e-4)
 _ADAPTER_LRS = (1e-4, 3e-4, 1e-3)
 for _m in (
@@ -411,38 +416,25 @@ for _m in (
     # Variants of the update mask (issue 11). mean_one gives the mask the coarse run's step budget, so it shares the
     # coarse grid; one-sided protection leaves about half the units free (mean scale near 0.7); the Fisher mask is
     # normalised like the KL one (mean scale near 0.46); the hard mask trains 90% of the rows at the full rate.
-    Method(
+    _masked_variant(
         "cofitune_mask_mean1",
-        MaskedCoFiTune("cofitune_mask_mean1", config={"mask_budget": "mean_one"}),
         _ADAPTER_LRS,
         "CoFiTune + update mask, mean scale 1",
-        "cofitune",
-        True,
+        config={"mask_budget": "mean_one"},
     ),
-    Method(
+    _masked_variant(
         "cofitune_onesided",
-        MaskedCoFiTune("cofitune_onesided", importance_spec={"normalization": "one_sided"}),
         (1.5e-4, 4.5e-4, 1.5e-3),
         "CoFiTune + update mask, one-sided importance",
-        "cofitune",
-        True,
+        importance_spec={"normalization": "one_sided"},
     ),
-    Method(
+    _masked_variant(
         "cofitune_fisher",
-        MaskedCoFiTune("cofitune_fisher", importance_spec={"signal": "fisher"}),
         (2e-4, 6e-4, 2e-3),
         "CoFiTune + update mask, Fisher importance",
-        "cofitune",
-        True,
+        importance_spec={"signal": "fisher"},
     ),
-    Method(
-        "cofitune_hard",
-        MaskedCoFiTune("cofitune_hard", top_fraction=0.1),
-        _ADAPTER_LRS,
-        "CoFiTune, top 10% of units frozen",
-        "cofitune",
-        True,
-    ),
+    _masked_variant("cofitune_hard", _ADAPTER_LRS, "CoFiTune, top 10% of units frozen", top_fraction=0.1),
     Method("l1", build_l1, _FULL_LRS, "full FT + L1 to base"),
     Method("l2", build_l2, _FULL_LRS, "full FT + L2 to base"),
     Method("wiseft", None, (0.25, 0.5, 0.75), "WiSE-FT (base/full interpolation)", derived_from="full"),

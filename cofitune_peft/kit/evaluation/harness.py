@@ -35,6 +35,9 @@ from typing import Any
 
 from cofitune_peft import CoFiTuneError
 
+from .model_passes import eval_mode
+from .versatility import BaseModelReference
+
 logger = logging.getLogger(__name__)
 
 # The metric a task is scored by when `metrics` does not name one, in order of preference.
@@ -82,7 +85,7 @@ def pick_metric(task_results: Mapping[str, Any], metric: str | None = None) -> t
     )
 
 
-class HarnessVersatility:
+class HarnessVersatility(BaseModelReference):
     """Versatility from lm-evaluation-harness tasks, as retention relative to the base model (1.0 for the base).
 
     `score = sum_t w_t * (metric_t(tuned) / metric_t(base)) / sum_t w_t` over the tasks (weights 1 by default). A task
@@ -113,6 +116,10 @@ class HarnessVersatility:
     0.97
     ```
     """
+
+    _stale_reference = (
+        "the saved lm-eval reference was computed on other tasks or settings; call `prepare(base_model)` again."
+    )
 
     def __init__(
         self,
@@ -188,28 +195,23 @@ class HarnessVersatility:
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise CoFiTuneError("a `tokenizer` is needed: pass it to HarnessVersatility or to the call.")
-        was_training = model.training
-        model.eval()
         kwargs = {"max_length": self.max_length} if self.max_length else {}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **kwargs)
-                out = lm_eval.simple_evaluate(
-                    model=lm,
-                    tasks=self.tasks,
-                    task_manager=self._manager(),
-                    limit=self.limit,
-                    num_fewshot=self.num_fewshot,
-                    log_samples=False,
-                    random_seed=self.seed,
-                    numpy_random_seed=self.seed,
-                    torch_random_seed=self.seed,
-                    fewshot_random_seed=self.seed,
-                    verbosity="ERROR",
-                )
-        finally:
-            model.train(was_training)
+        with eval_mode(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **kwargs)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=self.tasks,
+                task_manager=self._manager(),
+                limit=self.limit,
+                num_fewshot=self.num_fewshot,
+                log_samples=False,
+                random_seed=self.seed,
+                numpy_random_seed=self.seed,
+                torch_random_seed=self.seed,
+                fewshot_random_seed=self.seed,
+                verbosity="ERROR",
+            )
         found = {**(out.get("groups") or {}), **out["results"]}
         results = {}
         for task in self.tasks:
@@ -234,18 +236,6 @@ class HarnessVersatility:
         self.reference = ref
         logger.info("lm-eval reference of the base model: %s", {t: ref[t] for t in self.tasks})
         return dict(ref)
-
-    def reference_state(self) -> dict[str, Any]:
-        if self.reference is None:
-            raise CoFiTuneError("no reference yet: call `prepare(base_model)` first.")
-        return dict(self.reference)
-
-    def load_reference_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("fingerprint") != self.fingerprint:
-            raise CoFiTuneError(
-                "the saved lm-eval reference was computed on other tasks or settings; call `prepare(base_model)` again."
-            )
-        self.reference = dict(state)
 
     def evaluate(self, model, tokenizer=None) -> dict[str, Any]:
         """Score `model`: `{"score", "components": {task: retention}, "metrics": {task: value}, "base_metrics"}`."""

@@ -6,7 +6,8 @@ eval mode for the pass and given back in the mode it came in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +30,17 @@ def _check_tokenizer(tokenizer):
     return tokenizer
 
 
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Put `model` in eval mode for the block, and give it back in the mode it came in (even on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate_answers(
     model,
@@ -42,12 +54,10 @@ def generate_answers(
     desc: str = "generate",
 ) -> list[str]:
     """Greedy answers to `prompts`, batched with left padding; the decoded new text of each."""
-    was_training = model.training
-    model.eval()
     device, pad = device_of(model), pad_id_of(tokenizer)
     out: list[str] = []
     encoded = [_prompt_ids(tokenizer, p, chat_template) for p in prompts]
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=not progress, leave=False):
             chunk = [(ids, ids) for ids in encoded[start : start + batch_size]]
             batch = collate(chunk, pad, left=True)
@@ -60,8 +70,6 @@ def generate_answers(
             )
             new = generated[:, batch["input_ids"].shape[1] :]  # [batch, new tokens]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -83,8 +91,6 @@ def option_logprobs(
     Without a chat template a space separates prompt and option unless either side already has one.
     """
     use_template = has_chat_template(tokenizer) if chat_template is None else chat_template
-    was_training = model.training
-    model.eval()
     device, pad = device_of(model), pad_id_of(tokenizer)
     pairs: list[tuple[list[int], list[int]]] = []
     for prompt, opts in zip(prompts, options):
@@ -97,7 +103,7 @@ def option_logprobs(
             option_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             pairs.append((prompt_ids + option_ids, [IGNORE_INDEX] * len(prompt_ids) + option_ids))
     scores: list[float] = []
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, leave=False):
             batch = collate(pairs[start : start + batch_size], pad)
             logits = model(
@@ -111,8 +117,6 @@ def option_logprobs(
             if length_normalize:
                 total = total / keep.sum(-1).clamp(min=1)
             scores.extend(total.tolist())
-    finally:
-        model.train(was_training)
     out, i = [], 0
     for opts in options:
         out.append(scores[i : i + len(opts)])

@@ -187,16 +187,10 @@ class SpecialityEval:
         """Score `model`: `{"score": accuracy, "correct", "total", "predictions"}`."""
         tokenizer = _check_tokenizer(tokenizer or self.tokenizer)
         prompts = [ex["prompt"] for ex in self.examples]
+        passes = {"batch_size": self.batch_size, "progress": self.progress, "chat_template": self.chat_template}
         if self.kind == "exact_match":
             texts = generate_answers(
-                model,
-                tokenizer,
-                prompts,
-                max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size,
-                progress=self.progress,
-                chat_template=self.chat_template,
-                desc=self.name,
+                model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, desc=self.name, **passes
             )
             predictions, correct = [], 0
             for ex, text in zip(self.examples, texts):
@@ -212,15 +206,7 @@ class SpecialityEval:
         else:
             options = [list(map(str, ex["options"])) for ex in self.examples]
             scores = option_logprobs(
-                model,
-                tokenizer,
-                prompts,
-                options,
-                batch_size=self.batch_size,
-                length_normalize=self.length_normalize,
-                progress=self.progress,
-                chat_template=self.chat_template,
-                desc=self.name,
+                model, tokenizer, prompts, options, length_normalize=self.length_normalize, desc=self.name, **passes
             )
             predictions, correct = [], 0
             for ex, opts, score in zip(self.examples, options, scores):
@@ -236,3 +222,12 @@ class SpecialityEval:
 
     def __repr__(self) -> str:
         return f"SpecialityEval.{self.kind}({len(self.examples)} examples, name={self.name!r})"
+
+
+def speciality_for_examples(
+    examples: Sequence[Mapping[str, Any]], *, tokenizer=None, max_new_tokens: int = 16, progress: bool = True
+) -> SpecialityEval:
+    """`SpecialityEval.multiple_choice` when every example has `options`, else `SpecialityEval.exact_match`."""
+    if all("options" in x for x in examples):
+        return SpecialityEval.multiple_choice(examples, tokenizer=tokenizer, progress=progress)
+    return SpecialityEval.exact_match(examples, tokenizer=tokenizer, max_new_tokens=max_new_tokens, progress=progress)

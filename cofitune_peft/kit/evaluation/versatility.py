@@ -21,7 +21,7 @@ from cofitune_peft.utils import device_of
 
 from ..fingerprint import fingerprint as settings_fingerprint
 from ..training.encoding import collate, pad_id_of
-from .model_passes import _check_tokenizer
+from .model_passes import _check_tokenizer, eval_mode
 from .speciality import SpecialityEval
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,31 @@ logger = logging.getLogger(__name__)
 COMPONENTS = ("probes_mc", "probes_gen", "ce", "kl")
 
 
-class VersatilityEval:
+class BaseModelReference:
+    """The base model's reference values of a versatility evaluator, and their round trip through a file.
+
+    A subclass computes `reference` in `prepare(base_model)` (`None` before), stores its `fingerprint` in it, and names
+    in `_stale_reference` what differs when a saved reference's fingerprint is not its own.
+    """
+
+    reference: dict[str, Any] | None
+    fingerprint: str
+    _stale_reference: str
+
+    def reference_state(self) -> dict[str, Any]:
+        """The base model's reference values, for `torch.save` (the search keeps them next to its results)."""
+        if self.reference is None:
+            raise CoFiTuneError("no reference yet: call `prepare(base_model)` first.")
+        return dict(self.reference)
+
+    def load_reference_state(self, state: Mapping[str, Any]) -> None:
+        """Restore reference values saved by `reference_state`; they must come from the same data and settings."""
+        if state.get("fingerprint") != self.fingerprint:
+            raise CoFiTuneError(self._stale_reference)
+        self.reference = dict(state)
+
+
+class VersatilityEval(BaseModelReference):
     """Versatility of a model relative to its base model, as one number (1.0 for the base model).
 
     Up to four measures, each turned into a *retention* `R` that is 1.0 for the base model:
@@ -62,6 +86,11 @@ class VersatilityEval:
     1.0
     ```
     """
+
+    _stale_reference = (
+        "the saved versatility reference was computed on other general texts, probes or settings; "
+        "call `prepare(base_model)` again."
+    )
 
     def __init__(
         self,
@@ -176,10 +205,8 @@ class VersatilityEval:
     def prepare(self, base_model, tokenizer=None) -> dict[str, Any]:
         """Compute and keep the base model's reference values; returns them (without the tensors)."""
         tokenizer = _check_tokenizer(tokenizer or self.tokenizer)
-        was_training = base_model.training
-        base_model.eval()
         ref: dict[str, Any] = {"fingerprint": self.fingerprint, "top_logp": [], "top_idx": [], "rest": []}
-        try:
+        with eval_mode(base_model):
             if self.general_texts:
                 ce_sum, count = 0.0, 0
                 for logp, targets in self._general_positions(base_model, tokenizer):
@@ -192,8 +219,6 @@ class VersatilityEval:
                     count += targets.numel()
                 ref["ce"] = ce_sum / count
                 ref["tokens"] = count
-        finally:
-            base_model.train(was_training)
         for key, evaluator in self.probe_evals.items():
             acc = evaluator(base_model, tokenizer)
             ref[key] = acc
@@ -214,21 +239,6 @@ class VersatilityEval:
             f"{k}={ref[k]:.4g}" if isinstance(ref[k], float) else f"{k}={ref[k]}" for k in keys if k in ref
         )
 
-    def reference_state(self) -> dict[str, Any]:
-        """The base model's reference values, for `torch.save` (the search keeps them next to its results)."""
-        if self.reference is None:
-            raise CoFiTuneError("no reference yet: call `prepare(base_model)` first.")
-        return dict(self.reference)
-
-    def load_reference_state(self, state: Mapping[str, Any]) -> None:
-        """Restore reference values saved by `reference_state`; they must come from the same texts and probes."""
-        if state.get("fingerprint") != self.fingerprint:
-            raise CoFiTuneError(
-                "the saved versatility reference was computed on other general texts, probes or settings; "
-                "call `prepare(base_model)` again."
-            )
-        self.reference = dict(state)
-
     @torch.no_grad()
     def evaluate(self, model, tokenizer=None) -> dict[str, Any]:
         """Score `model`: `{"score", "components": {name: retention}, "ce", "ce_base", "ce_increase", "kl", ...}`."""
@@ -242,11 +252,9 @@ class VersatilityEval:
         result: dict[str, Any] = {}
         components: dict[str, float] = {}
         if self.general_texts:
-            was_training = model.training
-            model.eval()
             ce_sum = kl_sum = 0.0
             count = 0
-            try:
+            with eval_mode(model):
                 for i, (logp, targets) in enumerate(self._general_positions(model, tokenizer)):
                     p_logp = ref["top_logp"][i].to(logp.device)  # [positions, k]
                     q_logp = logp.gather(-1, ref["top_idx"][i].to(logp.device, torch.long))  # [positions, k]
@@ -258,8 +266,6 @@ class VersatilityEval:
                     kl_sum += float(kl.sum())
                     ce_sum += float(-logp.gather(-1, targets[:, None]).sum())
                     count += targets.numel()
-            finally:
-                model.train(was_training)
             ce = ce_sum / count
             result.update(ce=ce, ce_base=ref["ce"], ce_increase=ce - ref["ce"], kl=kl_sum / count)
             components["ce"] = math.exp(-(ce - ref["ce"]))

@@ -8,38 +8,22 @@ and prints the result; `cofitune report` prints a finished or partial search aga
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 
 from cofitune_peft import CoFiTuneError
 
-from ..evaluation import SpecialityEval, VersatilityEval
+from .._cli_common import read_jsonl, read_text_chunks
+from ..evaluation import VersatilityEval
+from ..evaluation.speciality import speciality_for_examples
 from ..loading import MODEL_HELP, load_model_for_command
 from .result import SearchResult
 from .tree import LEVELS, search_layers
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as fh:
-        items = [json.loads(line) for line in fh if line.strip()]
-    if not items:
-        raise CoFiTuneError(f"{path!r} holds no JSON lines.")
-    return items
-
-
 def read_general_text(path: str, min_chars: int = 800) -> list[str]:
     """Paragraphs (blank-line separated) of a text file, merged into chunks of at least `min_chars` characters."""
-    with open(path) as fh:
-        paragraphs = [p.strip() for p in fh.read().split("\n\n") if p.strip()]
-    chunks, current = [], ""
-    for p in paragraphs:
-        current = f"{current}\n\n{p}" if current else p
-        if len(current) >= min_chars:
-            chunks.append(current)
-            current = ""
-    if current:
-        chunks.append(current)
+    chunks = read_text_chunks(path, min_chars)
     if not chunks:
         raise CoFiTuneError(f"{path!r} holds no text.")
     return chunks
@@ -91,22 +75,19 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 def search_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     loader, tokenizer = _model_loader(args.model, args.gguf_file)
-    evals = _read_jsonl(args.eval)
+    evals = read_jsonl(args.eval)
     progress = not args.no_progress
-    if all("options" in x for x in evals):
-        speciality = SpecialityEval.multiple_choice(evals, tokenizer=tokenizer, progress=progress)
-    else:
-        speciality = SpecialityEval.exact_match(
-            evals, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, progress=progress
-        )
+    speciality = speciality_for_examples(
+        evals, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, progress=progress
+    )
     general = read_general_text(args.general) if args.general else None
-    probes = _read_jsonl(args.probes) if args.probes else None
+    probes = read_jsonl(args.probes) if args.probes else None
     versatility = VersatilityEval.default(
         general, probes, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, progress=progress
     )
     result = search_layers(
         loader,
-        _read_jsonl(args.train),
+        read_jsonl(args.train),
         speciality,
         versatility,
         tokenizer=tokenizer,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import glob
+import inspect
 import json
 import logging
 import os
@@ -23,7 +24,8 @@ import torch
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
 from cofitune_peft.utils import atomic_path, write_json_atomic
 
-from ..evaluation import SpecialityEval, VersatilityEval
+from ..evaluation import VersatilityEval
+from ..evaluation.speciality import speciality_for_examples
 from ..fingerprint import fingerprint
 from ..training import train_sft
 from .result import SearchResult
@@ -98,9 +100,7 @@ def _as_speciality(speciality, tokenizer):
         items = list(speciality)
         if not items:
             raise CoFiTuneError("the `speciality` eval set is empty; pass at least one example.")
-        if all("options" in x for x in items):
-            return SpecialityEval.multiple_choice(items, tokenizer=tokenizer)
-        return SpecialityEval.exact_match(items, tokenizer=tokenizer)
+        return speciality_for_examples(items, tokenizer=tokenizer)
     if not callable(speciality):
         raise CoFiTuneError(
             f"`speciality` must be an evaluator, a callable or a list of examples, got {speciality!r}."
@@ -447,27 +447,7 @@ class LayerSearch:
         self._reference_ready = True
 
 
-def search_layers(
-    model_loader: Callable[[], Any],
-    train_dataset: Sequence[Mapping[str, Any]],
-    speciality,
-    versatility,
-    *,
-    tokenizer,
-    budget_steps: int,
-    output_dir: str,
-    learning_rate: float = 1e-4,
-    full_ft_learning_rate: float = 2e-5,
-    windows: Sequence[tuple[int, int]] | None = None,
-    levels: Sequence[str] = LEVELS,
-    width: int = 2,
-    seed: int = 0,
-    full_reference=None,
-    progress: bool = True,
-    weight: float = 0.5,
-    batch_size: int = 8,
-    max_length: int = 256,
-) -> SearchResult:
+def search_layers(model_loader, train_dataset, speciality, versatility, **options) -> SearchResult:
     """Search the layer window and modules of CoFiTune's coarse level by short, identical fine-tunes.
 
     Args:
@@ -502,24 +482,8 @@ def search_layers(
 
     `LayerSearch` is the same search as an object (its state in attributes, `run()` to start or resume it).
     """
-    search = LayerSearch(
-        model_loader,
-        train_dataset,
-        speciality,
-        versatility,
-        tokenizer=tokenizer,
-        budget_steps=budget_steps,
-        output_dir=output_dir,
-        learning_rate=learning_rate,
-        full_ft_learning_rate=full_ft_learning_rate,
-        windows=windows,
-        levels=levels,
-        width=width,
-        seed=seed,
-        full_reference=full_reference,
-        progress=progress,
-        weight=weight,
-        batch_size=batch_size,
-        max_length=max_length,
-    )
-    return search.run()
+    return LayerSearch(model_loader, train_dataset, speciality, versatility, **options).run()
+
+
+# `search_layers` takes exactly `LayerSearch`'s arguments: show them in `help()` and `inspect.signature`.
+search_layers.__signature__ = inspect.signature(LayerSearch).replace(return_annotation=SearchResult)
