@@ -82,19 +82,28 @@ FAST = {"steps": 2, "batch_size": 4, "max_length": 32, "progress": False}
 
 
 def test_all_methods_end_to_end_resume_and_settings_mismatch(tmp_path, monkeypatch):
+    import cofitune_peft
+
     tok = tiny_tokenizer()
     val, test = _splits(tok)
     grids = {name: (1e-3, 1e-2) for name, m in METHODS.items() if m.trains}
-    grids["wiseft"] = (0.5, 1.0)
+    derived = [m for m in METHODS.values() if m.derived_from is not None]
+    grids.update({m.name: (0.5, 1.0) for m in derived})
     settings = MethodSettings(general_texts=GENERAL, lora_rank=2, corda_samples=4)
+    importance_kwargs = {"num_samples": 4, "batch_size": 2}
     kwargs = {"tokenizer": tok, "validation": val, "test": test, "output_dir": str(tmp_path), "learning_rates": grids,
-                  "methods": list(METHODS), "settings": settings, "importance_kwargs": {"num_samples": 4, "batch_size": 2}}  # fmt: skip
+                  "methods": list(METHODS), "settings": settings, "importance_kwargs": importance_kwargs}  # fmt: skip
+    estimates = []
+    real_estimate = cofitune_peft.estimate_importance
+    monkeypatch.setattr(
+        cofitune_peft, "estimate_importance", lambda *a, **k: estimates.append(k) or real_estimate(*a, **k)
+    )
     result = compare_methods(_loader, TRAIN, seeds=[1], **kwargs, **FAST)
     names = set(METHODS)
     assert set(result.selected) == names and set(result.best_speciality) == names
-    # Every grid point is on the frontier: 2 learning rates per trained method, 2 x 2 WiSE-FT points, the base.
+    # Every grid point is on the frontier: 2 learning rates per trained method, 2 x 2 points per derived one, the base.
     trained = [m for m in METHODS.values() if m.trains]
-    assert len(result.frontier) == 2 * len(trained) + 4 + 1
+    assert len(result.frontier) == 2 * len(trained) + 4 * len(derived) + 1
     for row in result.frontier:
         for split in ("validation", "test"):
             s = row[split]
@@ -102,18 +111,29 @@ def test_all_methods_end_to_end_resume_and_settings_mismatch(tmp_path, monkeypat
             assert s["ce_increase"] is not None and s["kl"] is not None
     base = next(r for r in result.frontier if r["method"] == "base")
     assert base["test"]["spec"] == 0.0 and base["test"]["vers_uncapped"] == pytest.approx(1.0)
-    # WiSE-FT at alpha 1 is full fine-tuning itself.
-    for lr in (1e-3, 1e-2):
-        full = next(r for r in result.frontier if r["method"] == "full" and r["learning_rate"] == lr)
-        wise = next(
-            r for r in result.frontier if r["method"] == "wiseft" and r["learning_rate"] == lr and r["alpha"] == 1
-        )
-        assert wise["test"]["speciality_raw"] == pytest.approx(full["test"]["speciality_raw"], abs=1e-5)
+    # Every derived method at 1 is its parent's run itself (WiSE-FT: full fine-tuning; strength 1: the adapter).
+    for method in derived:
+        for lr in (1e-3, 1e-2):
+            parent = next(
+                r for r in result.frontier if r["method"] == method.derived_from and r["learning_rate"] == lr
+            )
+            point = next(
+                r
+                for r in result.frontier
+                if r["method"] == method.name and r["learning_rate"] == lr and r["alpha"] == 1
+            )
+            assert point["test"]["speciality_raw"] == pytest.approx(parent["test"]["speciality_raw"], abs=1e-5)
+    # Cache file names are those of earlier versions, so existing comparison folders resume.
+    assert (tmp_path / "runs" / "wiseft_lr0.001_a0.5_s0.json").is_file()
+    assert (tmp_path / "runs" / "full_lr0.01_s0.json").is_file()
+    # Every importance (the shared one, and those of the variants with their own spec) used the comparison's settings.
+    assert len(estimates) >= 3 and all(k["batch_size"] == 2 and k["num_samples"] == 4 for k in estimates)
     costs = result.methods
     assert costs["lora"]["step_time_vs_lora"] == pytest.approx(1.0)
     assert costs["full"]["trainable_parameters"] > costs["lora"]["trainable_parameters"] > 0
     assert costs["l2"]["trainable_parameters"] == costs["full"]["trainable_parameters"]
-    assert costs["base"]["trainable_parameters"] == 0 and costs["wiseft"]["step_time_vs_lora"] is None
+    assert costs["base"]["trainable_parameters"] == 0
+    assert all(costs[m.name]["step_time_vs_lora"] is None for m in derived)
     assert all(costs[m.name]["step_time_vs_lora"] > 0 for m in trained)
     # The selected points ran again with seed 1.
     assert all(row["seeds"]["seeds"] == [0, 1] for name, row in result.selected.items() if name != "base")
@@ -159,6 +179,78 @@ def test_killed_comparison_resumes_without_redoing_finished_runs(tmp_path, monke
     monkeypatch.setattr(runner_module, "train_sft", lambda *a, **k: calls.append(k["learning_rate"]) or real(*a, **k))
     compare_methods(_loader, TRAIN, **kwargs, **FAST)
     assert calls == [3e-3, 1e-2]
+
+
+def test_post_hoc_strength_traces_the_parent_run_without_training(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    val, test = _splits(tok)
+    calls = []
+    real = runner_module.train_sft
+    monkeypatch.setattr(runner_module, "train_sft", lambda *a, **k: calls.append(k["learning_rate"]) or real(*a, **k))
+    grids = {"full": (1e-3,), "cofitune": (1e-2, 3e-2), "cofitune_alpha": (0.0, 0.5, 1.0)}
+    # The parent is compared too although only the derived method is named.
+    result = compare_methods(_loader, TRAIN, tokenizer=tok, validation=val, test=test, output_dir=str(tmp_path),
+                             methods=["cofitune_alpha"], learning_rates=grids, **FAST)  # fmt: skip
+    assert list(result.selected) == ["base", "full", "cofitune", "cofitune_alpha"]
+    assert sorted(calls) == [1e-3, 1e-2, 3e-2]  # one training run per parent grid point, none for the 6 alphas
+    points = {(r["learning_rate"], r["alpha"]): r for r in result.frontier if r["method"] == "cofitune_alpha"}
+    assert set(points) == {(lr, a) for lr in (1e-2, 3e-2) for a in (0.0, 0.5, 1.0)}
+    assert result.methods["cofitune_alpha"]["trainable_parameters"] == 0
+    base = next(r for r in result.frontier if r["method"] == "base")
+    for lr in (1e-2, 3e-2):
+        parent = next(r for r in result.frontier if r["method"] == "cofitune" and r["learning_rate"] == lr)
+        for split in ("validation", "test"):
+            for key in ("speciality_raw", "vers_uncapped", "ce_increase", "kl"):
+                # strength 1 is the trained adapter, strength 0 the base model, exactly
+                assert points[(lr, 1.0)][split][key] == pytest.approx(parent[split][key], abs=1e-6), (lr, split, key)
+                assert points[(lr, 0.0)][split][key] == pytest.approx(base[split][key], abs=1e-6), (lr, split, key)
+        assert points[(lr, 0.5)]["test"]["speciality_raw"] != pytest.approx(parent["test"]["speciality_raw"], abs=1e-6)
+    assert result.selected["cofitune_alpha"]["alpha"] in (0.0, 0.5, 1.0)  # selectable like any grid point
+    # A new value is scored on a fresh training of its parent (the trained adapter is not kept); cached ones are not.
+    calls.clear()
+    grids["cofitune_alpha"] = (0.0, 0.5, 1.0, 0.75)
+    again = compare_methods(_loader, TRAIN, tokenizer=tok, validation=val, test=test, output_dir=str(tmp_path),
+                            methods=["cofitune_alpha"], learning_rates=grids, **FAST)  # fmt: skip
+    assert sorted(calls) == [1e-2, 3e-2]
+    assert sum(r["method"] == "cofitune_alpha" for r in again.frontier) == 8
+    cofitune_rows = [r for r in again.frontier if r["method"] == "cofitune"]
+    assert cofitune_rows == [r for r in result.frontier if r["method"] == "cofitune"]  # the parent's own runs: cached
+
+
+def test_derived_methods_are_declared_and_checked():
+    import dataclasses
+
+    from cofitune_peft.kit.compare import Method, register_method
+    from cofitune_peft.kit.compare.methods import interpolate_weights, resolve_methods, scale_strength
+
+    assert METHODS["cofitune_alpha"].derived_from == "cofitune" and METHODS["cofitune_alpha"].derive is scale_strength
+    assert METHODS["cofitune_mask_alpha"].derived_from == "cofitune_mask"
+    assert METHODS["wiseft"].derive is interpolate_weights
+    assert list(resolve_methods(["cofitune_mask_alpha"])) == ["base", "full", "cofitune_mask", "cofitune_mask_alpha"]
+    with pytest.raises(CoFiTuneError, match=r"lie in \[0, 1\]"):
+        resolve_methods(["wiseft"], {"wiseft": [0.5, 1.5]})
+    assert resolve_methods(["cofitune_alpha"], {"cofitune_alpha": [0, 1.5]})["cofitune_alpha"].learning_rates == (
+        0,
+        1.5,
+    )
+    with pytest.raises(CoFiTuneError, match="both `derived_from` and `derive`"):
+        register_method(dataclasses.replace(METHODS["wiseft"], name="x", derive=None))
+    with pytest.raises(CoFiTuneError, match="trains nothing"):
+        register_method(Method("x", METHODS["full"].build, (0.5,), "x", derived_from="full", derive=scale_strength))
+    assert "x" not in METHODS
+    # The derivations themselves: WiSE-FT interpolates every weight; the strength needs a CoFiTune model.
+    model = tiny_model(num_layers=2, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    base_state = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    half = interpolate_weights(model, base_state, 0.5).state_dict()
+    for key, start in base_state.items():  # tied weights too: interpolated once
+        torch.testing.assert_close(half[key], start + 0.5, msg=key)
+        torch.testing.assert_close(model.state_dict()[key], start + 1.0, msg=key)  # the trained model is left alone
+    with pytest.raises(CoFiTuneError, match="needs a CoFiTune model"):
+        scale_strength(model, base_state, 0.5)
 
 
 def test_selection_never_reads_the_test_split(tmp_path):

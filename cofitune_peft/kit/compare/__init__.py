@@ -2,7 +2,8 @@
 validation split, scored on a test split.
 
 - `methods`: the registry of builders (`METHODS`, `register_method`, `DEFAULT_LEARNING_RATES`, `MethodSettings`,
-  `PenaltyToBase` for the L1/L2-to-base baselines);
+  `PenaltyToBase` for the L1/L2-to-base baselines; derived methods such as `wiseft` and `cofitune_alpha` score
+  post-hoc values of their parent's runs without training);
 - `runner`: `compare_methods`, cached and resumable per run;
 - `report`: `ComparisonResult` (frontier, selection, table, JSON, plot), retentions capped at 1 for ranking;
 - `command`: `cofitune compare` (`add_compare_arguments`, `compare_command`).

@@ -2,15 +2,20 @@
 
 Each method is built with the library that owns it: CoFiTune variants with `CoFiTuneConfig`, LoRA, CorDA and OSF with
 PEFT, full fine-tuning and its L1/L2-to-base variants with plain PyTorch. WiSE-FT trains nothing: it interpolates the
-base and full fine-tuning weights, so the comparison derives it from the full fine-tuning runs. Variants of the
-update mask are `MaskedCoFiTune` builders: each may estimate its own importance (`importance_spec`), cut it to a hard
-mask (`top_fraction`) or change the config (`mask_budget`). Add a method with `register_method(Method(...))`.
+base and full fine-tuning weights. It is a *derived* method: it names a parent (`derived_from="full"`), post-hoc
+values (its grid) and `derive(trained, base_state, value) -> model to score`, and the comparison scores each value right
+after each parent run trains. `cofitune_alpha` and `cofitune_mask_alpha` derive the same way from the CoFiTune runs, with
+`set_strength(alpha)`: `W = W0 + alpha * s * Delta`. Variants of the update mask are `MaskedCoFiTune` builders: each may
+estimate its own importance (`importance_spec`), cut it to a hard mask (`top_fraction`) or change the config
+(`mask_budget`). Add a method with `register_method(Method(...))`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -88,13 +93,22 @@ class Method:
     Args:
         name (`str`): the key (`"lora"`).
         build (`Callable[[nn.Module, MethodSettings], nn.Module] | None`): turns a fresh base model into the model
-            to train (in place or wrapped); `None` for methods that train nothing (`base`, `wiseft`).
-        learning_rates (`tuple[float, ...]`): the default grid (log-spaced); for `wiseft`, the interpolation weights
-            of the full fine-tuning weights (`alpha`; the learning rates are full fine-tuning's).
+            to train (in place or wrapped); `None` for methods that train nothing (`base`, derived methods).
+        learning_rates (`tuple[float, ...]`): the default grid (log-spaced); for a derived method, its post-hoc
+            values (`alpha`; the learning rates are its parent's).
         label (`str`): the name in tables and plots.
         family (`str`): `"cofitune"`, `"baseline"` or `"reference"` (base, full fine-tuning).
         needs_importance (`bool`): the builder reads `settings.importance`.
-        derived_from (`str`, *optional*): the method whose trained weights this one reuses (`wiseft`: `"full"`).
+        derived_from (`str`, *optional*): the parent method whose trained models this one reuses without training
+            (`wiseft`: `"full"`); comparing a derived method compares its parent too.
+        derive (`Callable[[nn.Module, Mapping[str, torch.Tensor], float], nn.Module]`, *optional*): a derived method's
+            `derive(trained, base_state, value) -> model to score`. `trained` is the parent's trained model,
+            `base_state` the base model's floating-point weights (on the CPU) from before the parent was built. It may
+            return a changed copy of `trained` (`interpolate_weights`) or change `trained` in place with an absolute
+            setting, one that the next call replaces (`scale_strength`): the parent's own point is scored first, then
+            each value in turn.
+        max_value (`float`, *optional*): the largest post-hoc value that means something (`wiseft`: 1, an
+            interpolation); values lie in `[0, max_value]`.
     """
 
     name: str
@@ -104,10 +118,24 @@ class Method:
     family: str = "baseline"
     needs_importance: bool = False
     derived_from: str | None = None
+    derive: Callable[[nn.Module, Mapping[str, torch.Tensor], float], nn.Module] | None = None
+    max_value: float = math.inf
 
     @property
     def trains(self) -> bool:
         return self.build is not None
+
+    def value_problems(self, values: Sequence[float]) -> list[str]:
+        """What is wrong with `values` as this method's grid (empty when nothing)."""
+        if not values:
+            return [f"the grid of {self.name!r} is empty."]
+        if self.derived_from is None:
+            if any(not v > 0 or not math.isfinite(v) for v in values):
+                return [f"the learning rates of {self.name!r} must be positive values, got {tuple(values)}."]
+            return []
+        if any(not 0 <= v <= self.max_value for v in values):
+            return [f"the post-hoc values of {self.name!r} must lie in [0, {self.max_value:g}], got {tuple(values)}."]
+        return []
 
 
 # -- builders
@@ -379,6 +407,45 @@ def build_osf(model: nn.Module, settings: MethodSettings) -> nn.Module:
     return get_peft_model(model, OSFConfig(target_modules=linear_module_names(model)))
 
 
+# -- derivations: the model a derived method scores, from its parent's trained model
+
+
+@torch.no_grad()
+def interpolate_weights(trained: nn.Module, base_state: Mapping[str, torch.Tensor], alpha: float) -> nn.Module:
+    """WiSE-FT (Wortsman et al., 2022): a copy of `trained` with `(1 - alpha) * W0 + alpha * W` for every weight."""
+    out = copy.deepcopy(trained)
+    state = out.state_dict()
+    missing = [k for k in base_state if k not in state]
+    if missing:
+        raise CoFiTuneError(
+            f"weight interpolation needs the base model's own parameter names in the trained model; {len(missing)} "
+            f"are missing (first: {missing[0]!r}). Derive it from a method that trains the weights in place ('full')."
+        )
+    done = set()
+    for key, start in base_state.items():
+        tensor = state[key]
+        if tensor.data_ptr() in done:  # tied weights (embeddings and LM head): interpolate once
+            continue
+        done.add(tensor.data_ptr())
+        tensor.copy_(torch.lerp(start.to(tensor.device, tensor.dtype), tensor, alpha))
+    return out
+
+
+def scale_strength(trained: nn.Module, base_state: Mapping[str, torch.Tensor], alpha: float) -> nn.Module:
+    """WiSE-FT for the adapter: `trained` (a CoFiTune model) with `set_strength(alpha)`, `W = W0 + alpha * s * Delta`.
+
+    In place: the strength is absolute, so the next value replaces this one.
+    """
+    tuner = getattr(trained, "base_model", None)
+    if not hasattr(tuner, "set_strength"):
+        raise CoFiTuneError(
+            f"`scale_strength` scales a CoFiTune adapter and needs a CoFiTune model, got {type(trained).__name__}; "
+            "derive it from a CoFiTune method."
+        )
+    tuner.set_strength(alpha)
+    return trained
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -389,8 +456,12 @@ def register_method(method: Method, *, overwrite: bool = False) -> Method:
         problems.append(f"method {method.name!r} is registered already; pass `overwrite=True` to replace it.")
     if method.family not in FAMILIES:
         problems.append(f"`family` must be one of {FAMILIES}, got {method.family!r}.")
-    if method.build is not None and (not method.learning_rates or any(not lr > 0 for lr in method.learning_rates)):
-        problems.append(f"`learning_rates` of {method.name!r} must be positive values, got {method.learning_rates}.")
+    if method.build is not None or method.derived_from is not None:
+        problems += method.value_problems(method.learning_rates)
+    if (method.derived_from is None) != (method.derive is None):
+        problems.append(f"a derived method needs both `derived_from` and `derive`; {method.name!r} has only one.")
+    if method.derived_from is not None and method.build is not None:
+        problems.append(f"derived method {method.name!r} trains nothing: pass `build=None`.")
     if problems:
         raise CoFiTuneError("Invalid method:\n  - " + "\n  - ".join(problems))
     METHODS[method.name] = method
@@ -404,6 +475,7 @@ def _masked_variant(name: str, learning_rates: tuple[float, ...], label: str, **
 
 _FULL_LRS = (1e-5, 3e-5, 1e-4)
 _ADAPTER_LRS = (1e-4, 3e-4, 1e-3)
+_ALPHAS = (0.25, 0.5, 0.75)
 for _m in (
     Method("base", None, (), "base (no training)", "reference"),
     Method("full", build_full, _FULL_LRS, "full fine-tuning", "reference"),
@@ -437,24 +509,65 @@ for _m in (
     _masked_variant("cofitune_hard", _ADAPTER_LRS, "CoFiTune, top 10% of units frozen", top_fraction=0.1),
     Method("l1", build_l1, _FULL_LRS, "full FT + L1 to base"),
     Method("l2", build_l2, _FULL_LRS, "full FT + L2 to base"),
-    Method("wiseft", None, (0.25, 0.5, 0.75), "WiSE-FT (base/full interpolation)", derived_from="full"),
+    Method(
+        "wiseft",
+        None,
+        _ALPHAS,
+        "WiSE-FT (base/full interpolation)",
+        derived_from="full",
+        derive=interpolate_weights,
+        max_value=1.0,
+    ),
+    # Post-hoc strength (issue 11): one CoFiTune run traces a curve from the base model (0) to itself (1).
+    Method(
+        "cofitune_alpha",
+        None,
+        _ALPHAS,
+        "CoFiTune coarse, strength alpha",
+        "cofitune",
+        derived_from="cofitune",
+        derive=scale_strength,
+    ),
+    Method(
+        "cofitune_mask_alpha",
+        None,
+        _ALPHAS,
+        "CoFiTune + update mask, strength alpha",
+        "cofitune",
+        derived_from="cofitune_mask",
+        derive=scale_strength,
+    ),
     Method("corda_kpm", build_corda_kpm, _ADAPTER_LRS, "CorDA KPM r16"),
     Method("osf", build_osf, _FULL_LRS, "OSF (half the spectrum)"),
 ):
     register_method(_m)
 
-# The default grid of every method (learning rates; WiSE-FT: interpolation weights over full FT's learning rates).
+# The default grid of every method (learning rates; a derived method: its post-hoc values over its parent's runs).
 DEFAULT_LEARNING_RATES: dict[str, tuple[float, ...]] = {name: m.learning_rates for name, m in METHODS.items()}
 
 
 def resolve_methods(names: Sequence[str], grids: Mapping[str, Sequence[float]] | None = None) -> dict[str, Method]:
-    """The registry entries of `names` (with `base` and `full` added: scores are relative to them), grids replaced."""
+    """The registry entries of `names` (with `base` and `full` added: scores are relative to them, and each derived
+    method's parent before it), grids replaced."""
     names = list(dict.fromkeys(["base", "full", *names]))
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise CoFiTuneError(
             f"`methods`: unknown {unknown}; registered are {sorted(METHODS)} (add one with `register_method`)."
         )
+    with_parents = []
+    for name in names:
+        parent = METHODS[name].derived_from
+        if parent is not None:
+            if parent not in METHODS or not METHODS[parent].trains:
+                raise CoFiTuneError(
+                    f"method {name!r} derives from {parent!r}, which is not a registered trained method."
+                )
+            if parent not in with_parents and parent not in names:
+                logger.info("method %s derives from %s: comparing %s too", name, parent, parent)
+                with_parents.append(parent)
+        with_parents.append(name)
+    names = list(dict.fromkeys(with_parents))
     grids = dict(grids or {})
     extra = sorted(set(grids) - set(names))
     if extra:
@@ -464,10 +577,9 @@ def resolve_methods(names: Sequence[str], grids: Mapping[str, Sequence[float]] |
         method = METHODS[name]
         if name in grids:
             values = tuple(float(v) for v in grids[name])
-            if not values or any(not v > 0 for v in values):
-                raise CoFiTuneError(f"`learning_rates[{name!r}]` must be positive values, got {grids[name]!r}.")
-            if name == "wiseft" and any(v > 1 for v in values):
-                raise CoFiTuneError(f"`learning_rates['wiseft']` are interpolation weights in (0, 1], got {values}.")
+            problems = method.value_problems(values)
+            if problems:
+                raise CoFiTuneError(f"`learning_rates[{name!r}]`: {problems[0]}")
             if len(values) < 3 and method.trains:
                 logger.info("method %s: %d learning rates (a sweep needs >= 3 to find a best one)", name, len(values))
             method = replace(method, learning_rates=values)

@@ -2,7 +2,8 @@
 validation split (for selection) and a test split (for the report); cached per run and resumable.
 
 METHOD.md ("How this project compares methods"): each method at its own best learning rate from a small sweep on a
-validation split. CoFiTune is arXiv 2404.10306.
+validation split. CoFiTune is arXiv 2404.10306. Derived methods (`Method.derived_from`: WiSE-FT, CoFiTune's post-hoc
+strength) train nothing: each of their values is scored right after each parent run trains, and cached like a run.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ DEFAULT_METHODS = (
     "l1",
     "l2",
     "wiseft",
+    "cofitune_alpha",
     "corda_kpm",
     "osf",
 )
@@ -112,6 +114,7 @@ def _score_split(split: EvalSplit, model, tokenizer) -> dict[str, Any]:
 
 
 def _run_key(method: str, lr: float | None, seed: int, alpha: float | None = None) -> str:
+    # `alpha`: a derived method's post-hoc value. The format is the cache's file names: changing it orphans every run.
     key = method if lr is None else f"{method}_lr{lr:.3g}"
     if alpha is not None:
         key += f"_a{alpha:g}"
@@ -205,7 +208,13 @@ class _Comparison:
             torch.save(evaluator.reference_state(), tmp)
             os.replace(tmp, path)
         if any(m.needs_importance for m in self.methods.values()):
-            self.settings = replace(self.settings, importance=self._importance(base, importance_kwargs))
+            # Methods that estimate an importance of their own use the shared estimate's arguments (batch size, signal,
+            # ...) except where their spec differs; arguments set in `settings.importance_kwargs` win.
+            self.settings = replace(
+                self.settings,
+                importance=self._importance(base, importance_kwargs),
+                importance_kwargs={**importance_kwargs, **self.settings.importance_kwargs},
+            )
         key = _run_key("base", None, seed)
         if self.cached(key) is None:
             record = {"key": key, "method": "base", "learning_rate": None, "alpha": None, "seed": seed}
@@ -234,12 +243,16 @@ class _Comparison:
 
     # -- training jobs
 
-    def run_job(self, method: Method, lr: float, seed: int, alphas: Sequence[float] = (), own: bool = True) -> None:
-        """Train `method` at `lr` with `seed` once; score it (if `own`) and its WiSE-FT interpolations `alphas`."""
+    def run_job(self, method: Method, lr: float, seed: int, derived: Sequence[tuple] = (), own: bool = True) -> None:
+        """Train `method` at `lr` with `seed` once; score it (if `own`) and its derived points `derived`, each a
+        `(derived method, value)` pair."""
         torch.manual_seed(seed)
         model = self.load_base()
+        # The build may change the base in place (full fine-tuning): keep its weights for the derived points.
         base_state = (
-            {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()} if alphas else None
+            {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if v.is_floating_point()}
+            if derived
+            else {}
         )
         built = method.build(model, self.settings)
         stats = train_sft(
@@ -255,14 +268,8 @@ class _Comparison:
         train = {k: stats[k] for k in ("seconds", "steps", "trainable_parameters", "final_loss", "mean_loss")}
         if own:
             self._score_and_save(trained, method.name, lr, seed, None, train)
-        if alphas:
-            tuned = {k: v.detach().clone() for k, v in trained.state_dict().items() if k in base_state}
-            live = trained.state_dict()
-            for alpha in alphas:
-                with torch.no_grad():
-                    for k, v in base_state.items():
-                        live[k].copy_(torch.lerp(v, tuned[k], alpha))  # (1 - alpha) * base + alpha * tuned
-                self._score_and_save(trained, "wiseft", lr, seed, alpha, None)
+        for child, value in derived:
+            self._score_and_save(child.derive(trained, base_state, value), child.name, lr, seed, value, None)
 
     def _score_and_save(self, model, method, lr, seed, alpha, train) -> None:
         started = time.perf_counter()
@@ -273,31 +280,37 @@ class _Comparison:
         self.save(record)
 
     def grid_points(self, seed: int, only: Mapping[str, Sequence[tuple]] | None = None) -> list[tuple]:
-        """`(training method, lr, seed, alphas, own)` jobs whose results are missing."""
+        """`(training method, lr, seed, derived points, own)` jobs whose results are missing; `only` restricts them to
+        `{method: [(method, lr, alpha), ...]}`."""
+
+        def wanted(name, lr, alpha):
+            return only is None or (name, lr, alpha) in only.get(name, ())
+
+        children: dict[str, list[Method]] = {}
+        for method in self.methods.values():
+            if method.derived_from is not None:
+                children.setdefault(method.derived_from, []).append(method)
         jobs = []
-        wiseft = self.methods.get("wiseft")
         for name, method in self.methods.items():
             if not method.trains:
                 continue
             for lr in method.learning_rates:
-                own = (name, lr, None) in only.get(name, ()) if only is not None else True
-                alphas = ()
-                if name == "full" and wiseft is not None:
-                    wanted = [(("wiseft", lr, a) in only.get("wiseft", ())) if only is not None else True
-                              for a in wiseft.learning_rates]  # fmt: skip
-                    alphas = tuple(a for a, w in zip(wiseft.learning_rates, wanted) if w)
-                own = own and self.cached(_run_key(name, lr, seed)) is None
-                alphas = tuple(a for a in alphas if self.cached(_run_key("wiseft", lr, seed, a)) is None)
-                if own or alphas:
-                    jobs.append((method, lr, seed, alphas, own))
+                own = wanted(name, lr, None) and self.cached(_run_key(name, lr, seed)) is None
+                derived = tuple(
+                    (child, value)
+                    for child in children.get(name, ())
+                    for value in child.learning_rates
+                    if wanted(child.name, lr, value) and self.cached(_run_key(child.name, lr, seed, value)) is None
+                )
+                if own or derived:
+                    jobs.append((method, lr, seed, derived, own))
         return jobs
 
     def run_jobs(self, jobs, desc: str) -> None:
-        for method, lr, seed, alphas, own in tqdm(jobs, desc=desc, disable=not self.progress):
-            logger.info(
-                "%s: %s lr=%g seed=%d%s", desc, method.name, lr, seed, f" + WiSE-FT {alphas}" if alphas else ""
-            )
-            self.run_job(method, lr, seed, alphas, own)
+        for method, lr, seed, derived, own in tqdm(jobs, desc=desc, disable=not self.progress):
+            points = ", ".join(f"{child.name} {value:g}" for child, value in derived)
+            logger.info("%s: %s lr=%g seed=%d%s", desc, method.name, lr, seed, f" + {points}" if points else "")
+            self.run_job(method, lr, seed, derived, own)
 
 
 def compare_methods(
@@ -324,8 +337,9 @@ def compare_methods(
     """Compare fine-tuning methods at their own best learning rate, chosen on a validation split.
 
     Every method runs over its learning-rate grid (`methods.DEFAULT_LEARNING_RATES`, or `learning_rates`) with the
-    same data, steps, batch and seed; every run is scored on `validation` and on `test`. Each method's point is the
-    best validation Uni. (Vers. capped at 1); Spec. is relative to the full fine-tuning run with the best validation
+    same data, steps, batch and seed; every run is scored on `validation` and on `test`. A derived method (WiSE-FT,
+    `cofitune_alpha`) trains nothing: its values are scored on each run of its parent, right after it trains, as grid
+    points of their own. Each method's point is the best validation Uni. (Vers. capped at 1); Spec. is relative to the full fine-tuning run with the best validation
     speciality. Nothing about the test split enters either choice. Then the selected points run again with each of
     `seeds`, for a mean and spread.
 
@@ -339,9 +353,10 @@ def compare_methods(
         steps (`int`): optimizer steps of every run.
         output_dir (`str`): `settings.json`, `runs/<key>.json` per run, `comparison.{json,md,png}`. Re-running
             resumes; other data, steps, batch, evaluators or method settings raise `CoFiTuneError`.
-        methods (`Sequence[str]`, *optional*): registry names (`base` and `full` are always added).
-        learning_rates (`Mapping[str, Sequence[float]]`, *optional*): grids that replace the defaults (WiSE-FT:
-            interpolation weights).
+        methods (`Sequence[str]`, *optional*): registry names (`base` and `full` are always added, and the parent of
+            each derived method).
+        learning_rates (`Mapping[str, Sequence[float]]`, *optional*): grids that replace the defaults (a derived
+            method's: its post-hoc values, e.g. WiSE-FT's interpolation weights).
         settings (`MethodSettings`, *optional*): what builders read (CoFiTune window, LoRA rank, penalty strengths,
             general texts for importance and CorDA).
         batch_size, max_length, gradient_accumulation_steps: `train_sft`'s, the same for every run.
