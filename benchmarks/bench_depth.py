@@ -26,6 +26,7 @@ slow each other down many times.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -123,33 +124,51 @@ def describe(name: str) -> str:
 
 
 def plot(results: dict, path: str, num_layers: int, title: str) -> None:
-    from matplotlib.figure import Figure
+    """CoFiTune's step time per window start (blue, each point labelled), the references as grey horizontal lines."""
+    from cofitune_peft.kit.plotting import (
+        COFITUNE_COLOR,
+        family_styles,
+        label_points,
+        new_figure,
+        points_along,
+        save_figure,
+    )
 
-    fig = Figure(figsize=(7, 4.5), layout="tight")
-    ax = fig.add_subplot()
-    for variant, color, label in (("", "tab:blue", "no checkpointing"), ("ckpt", "tab:orange", "checkpointing")):
-        points = sorted(
+    variants = {"": "no checkpointing", "ckpt": "checkpointing", "ckpt_nofix": "checkpointing, fix_input_grads=False"}
+    curves = {
+        v: sorted(
             (r["window"][0], r["step_s_median"])
             for n, r in results.items()
-            if r["window"] and n.partition("+")[2] == variant
+            if r["window"] and n.partition("+")[2] == v
         )
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, "o-", color=color, label=f"CoFiTune window ({label})")
-        for ref, style in (("full_ft", "--"), ("lora_r16", ":")):
-            key = ref + ("+" + variant if variant else "")
-            if key in results:
-                ax.axhline(results[key]["step_s_median"], color=color, linestyle=style, label=describe(key))
-    for n, r in results.items():
-        if n.endswith("+ckpt_nofix"):
-            ax.plot([r["window"][0]], [r["step_s_median"]], "x", color="tab:red", markersize=9, label=describe(n))
+        for v in variants
+    }
+    curves = {v: points for v, points in curves.items() if points}
+    references = [n for n, r in results.items() if not r["window"]]
+    styles = family_styles(list(curves), references)
+    fig = new_figure(figsize=(8, 5.2))
+    ax = fig.add_subplot()
+    points, along = [], []  # the labelled points; positions on the curves, kept free of labels
+    for variant, curve in curves.items():
+        style = {**styles[variant], "marker": "X", "linestyle": "none"} if variant == "ckpt_nofix" else styles[variant]
+        ax.plot(*zip(*curve), markersize=7, label=f"CoFiTune window, {variants[variant]}", **style)
+        points += curve
+        if style["linestyle"] != "none":
+            along += points_along(itertools.pairwise(curve))
+    for ref in references:
+        seconds, style = results[ref]["step_s_median"], styles[ref]
+        ax.axhline(seconds, color=style["color"], linestyle=style["linestyle"], linewidth=1.6,
+                   label=f"{describe(ref)}: {seconds:.2f} s")  # fmt: skip
+    top = max(r["step_s_median"] for r in results.values())
+    ax.set_ylim(0, top * 1.12)
+    ax.set_xticks(sorted({a for a, _ in points}))
     ax.set_xlabel(f"window start a (window (a, b) trains layers a..b-1; {num_layers} - a layers in the backward pass)")
     ax.set_ylabel("step time, median (s)")
     ax.set_title(title, fontsize=10)
-    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.savefig(path, dpi=120)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    label_points(ax, points, [f"{s:.2f} s" for _, s in points], clear=along, color=COFITUNE_COLOR, fontsize=8)
+    save_figure(fig, path)
 
 
 def main() -> None:

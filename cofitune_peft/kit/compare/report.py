@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -248,44 +247,38 @@ class ComparisonResult:
     def plot(self, path: str) -> str:
         """Test Spec. (y) against test Vers. (x, capped) per method, one curve over its grid; selected points starred.
 
-        CoFiTune variants in warm colours, the reference runs in black and dark grey, other baselines in cool and grey
-        tones; the legend sits outside the axes, so no label overlaps a point.
+        CoFiTune variants in blues with solid lines, the reference runs and other baselines in greys with dashed or
+        dotted lines (the kit's colour language); markers tell the curves of one family apart. The legend sits
+        outside the axes, so no label covers a point.
         """
-        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+
+        from ..plotting import family_styles, new_figure, save_figure
 
         cofitune = [m for m, c in self.methods.items() if c["family"] == "cofitune"]
-        others = [m for m, c in self.methods.items() if c["family"] == "baseline"]
-        warm = ["#d62728", "#ff7f0e", "#8c2d04", "#fd8d3c", "#a50f15", "#fdae6b"]
-        cool = ["#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#7f7f7f", "#bcbd22", "#aec7e8", "#98df8a"]
-        colours = {"base": "#000000", "full": "#555555"}
-        colours.update({m: warm[i % len(warm)] for i, m in enumerate(cofitune)})
-        colours.update({m: cool[i % len(cool)] for i, m in enumerate(others)})
-        markers = "osD^v<>phX"
-        fig = Figure(figsize=(9.5, 5.5))
+        others = [m for m, c in self.methods.items() if c["family"] != "cofitune"]
+        styles = family_styles(cofitune, others)
+        fig = new_figure(figsize=(10, 5.5))
         ax = fig.add_subplot(1, 1, 1)
-        for i, (name, cost) in enumerate(self.methods.items()):
+        curves = {}
+        for name in [*others, *cofitune]:  # CoFiTune drawn last, on top
             rows = [r for r in self.frontier if r["method"] == name and math.isfinite(r["test"]["spec"])]
             if not rows:
                 continue
             rows.sort(key=lambda r: (r["learning_rate"] or 0, r.get("alpha") or 0))
             xs = [r["test"]["vers"] for r in rows]
             ys = [r["test"]["spec"] for r in rows]
-            style = {"color": colours.get(name, "#7f7f7f"), "marker": markers[i % len(markers)]}
-            width = 2.2 if cost["family"] == "cofitune" else 1.2
-            ax.plot(xs, ys, linewidth=width, markersize=5, alpha=0.9, label=cost["label"], **style)
+            (curves[name],) = ax.plot(xs, ys, markersize=5, alpha=0.9, **styles[name])
             chosen = self.selected.get(name)
             if chosen and math.isfinite(chosen["test"]["spec"]):
                 ax.plot([chosen["test"]["vers"]], [chosen["test"]["spec"]], marker="*", markersize=15,
-                        color=style["color"], markeredgecolor="black", linestyle="none")  # fmt: skip
-        ax.plot([], [], marker="*", markersize=12, color="white", markeredgecolor="black", linestyle="none",
-                label="selected on validation")  # fmt: skip
+                        color=styles[name]["color"], markeredgecolor="black", linestyle="none", zorder=4)  # fmt: skip
+        shown = [m for m in [*cofitune, *others] if m in curves]  # the legend lists CoFiTune first
+        star = Line2D([], [], marker="*", markersize=12, color="white", markeredgecolor="black", linestyle="none")
+        fig.legend([*(curves[m] for m in shown), star], [*(self.methods[m]["label"] for m in shown), "selected on "
+                   "validation"], loc="outside right upper", fontsize=8, frameon=False)  # fmt: skip
         ax.set_xlabel("Vers. on test (retention vs base, capped at 1)")
         ax.set_ylabel("Spec. on test (gain vs full fine-tuning)")
-        ax.set_title("Speciality vs versatility: every learning rate of every method")
+        ax.set_title("Spec. vs Vers.: every learning rate of every method (CoFiTune in blue)", fontsize=11)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
-        fig.tight_layout()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fig.savefig(path, dpi=120, bbox_inches="tight")
-        return path
+        return save_figure(fig, path)

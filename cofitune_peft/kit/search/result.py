@@ -174,54 +174,114 @@ class SearchResult:
         return cls(records, weight, output_dir)
 
     def plot(self, path: str) -> str:
-        """Spec. (x) vs Vers. (y) of every candidate, with Uni. contours and the search tree's edges, as a PNG."""
-        import numpy as np
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        """Spec. (x) vs Vers. (y) of every candidate, with Uni. contours and the search tree's edges, as a PNG.
+
+        CoFiTune candidates in blue (one marker per level), the base model and full fine-tuning in grey, the best
+        candidate ringed; every point carries its window and modules, placed so that no label covers another.
+        """
+        from ..plotting import family_styles, label_points, new_figure, save_figure
 
         points = {r["key"]: (self.scores(r)["Spec."], self.scores(r)["Vers."]) for r in self.records}
         finite = {k: p for k, p in points.items() if not (math.isnan(p[0]) or math.isnan(p[1]))}
-        fig = Figure(figsize=(7.5, 6))
-        FigureCanvasAgg(fig)
+        fig = new_figure(figsize=(9, 6.5))
         ax = fig.add_subplot()
         xs = [p[0] for p in finite.values()] or [0.0, 1.0]
         ys = [p[1] for p in finite.values()] or [0.0, 1.0]
-        x0, x1 = min(*xs, 0.0) - 0.1, max(*xs, 1.0) + 0.1
+        x0, x1 = min(*xs, 0.0) - 0.1, max(*xs, 1.0) + 0.22  # room right of the best candidates for their labels
         y0, y1 = min(ys) - 0.05, max(*ys, 1.0) + 0.05
-        gx, gy = np.meshgrid(np.linspace(x0, x1, 100), np.linspace(y0, y1, 100))
-        contours = ax.contour(
-            gx, gy, self.weight * gx + (1 - self.weight) * gy, levels=8, colors="0.8", linewidths=0.8
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        contour_labels = self._uni_contours(ax, (x0, x1), (y0, y1))
+        along = self._tree_edges(ax, finite)
+        levels = list(dict.fromkeys(r["level"] for r in self.candidates()))
+        styles = family_styles(levels, ["base", "full"])
+        shown, labels, radii, text_styles = self._candidate_points(ax, finite, styles)
+        _search_legend(fig, styles, levels)
+        ax.set_xlabel("Spec. (speciality gain / full fine-tuning's gain; 0 = base model, 1 = full fine-tuning)")
+        ax.set_ylabel("Vers. (versatility / base model's; 1 = base model)")
+        ax.set_title(f"CoFiTune coarse search (grey lines: Uni. = {self.weight:g} Spec. + {1 - self.weight:g} Vers.)")
+        ax.grid(alpha=0.15)
+        label_points(
+            ax, shown, labels, avoid=contour_labels, clear=along, radius=radii, styles=text_styles, fontsize=8
         )
-        ax.clabel(contours, fmt="Uni. %.2f", fontsize=7)
-        for r in self.records:
-            parent = r.get("parent")
-            if parent in finite and r["key"] in finite:
-                ax.annotate(
-                    "", xy=finite[r["key"]], xytext=finite[parent], arrowprops={"arrowstyle": "->", "color": "0.6"}
-                )
-        markers = {"window": ("o", "tab:blue"), "module": ("s", "tab:orange"), "refine": ("D", "tab:green")}
+        return save_figure(fig, path)
+
+    def _tree_edges(self, ax, finite: dict) -> list:
+        """The search tree's edges as arrows, parent to child; returns positions along them (kept free of labels)."""
+        from ..plotting import points_along
+
+        edges = [
+            (finite[r["parent"]], finite[r["key"]])
+            for r in self.records
+            if r.get("parent") in finite and r["key"] in finite
+        ]
+        for start, end in edges:
+            arrow = {"arrowstyle": "->", "color": "0.6", "shrinkA": 7, "shrinkB": 7}
+            ax.annotate("", xy=end, xytext=start, arrowprops=arrow)
+        return points_along(edges, steps=12)
+
+    def _candidate_points(self, ax, finite: dict, styles: dict) -> tuple[list, list, list, list]:
+        """One marker per record (the best one ringed); returns `label_points`' points, labels, radii and styles."""
+        from ..plotting import COFITUNE_COLOR, REFERENCE_COLOR
+
         best_key = self.best["key"] if self.candidates() else None
+        shown, labels, radii, text_styles = [], [], [], []
         for r in self.records:
             if r["key"] not in finite:
                 continue
-            x, y = finite[r["key"]]
-            if r["kind"] == "cofitune":
-                marker, color = markers.get(r["level"], ("o", "tab:gray"))
-                label = f"{r['window'][0]}-{r['window'][1]} {r['modules']}"
-            else:
-                marker, color, label = ("^", "black", "full FT") if r["kind"] == "full" else ("P", "tab:red", "base")
-            ax.scatter([x], [y], marker=marker, color=color, s=36, zorder=3)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            if r["key"] == best_key:
-                ax.scatter([x], [y], marker="*", s=260, facecolors="none", edgecolors="gold", linewidths=1.5, zorder=4)
-        for level, (marker, color) in markers.items():
-            ax.scatter([], [], marker=marker, color=color, label=f"level: {level}")
-        ax.legend(loc="lower left", fontsize=8)
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(y0, y1)
-        ax.set_xlabel("Spec. (speciality gain / full fine-tuning's gain)")
-        ax.set_ylabel("Vers. (versatility / base model's)")
-        ax.set_title(f"CoFiTune coarse search (Uni. = {self.weight:g} Spec. + {1 - self.weight:g} Vers.)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        return path
+            cofitune, best = r["kind"] == "cofitune", r["key"] == best_key
+            style = styles[r["level"] if cofitune else r["kind"]]
+            ax.plot(*finite[r["key"]], style["marker"], color=style["color"], markersize=7, zorder=3)
+            label = f"[{r['window'][0]}, {r['window'][1]}) {r['modules']}" if cofitune else _REFERENCE_NAMES[r["kind"]]
+            if best:
+                ax.plot(*finite[r["key"]], "o", markersize=17, fillstyle="none", color=COFITUNE_COLOR, zorder=3)
+                label = f"best: {label}"
+            shown.append(finite[r["key"]])
+            labels.append(label)
+            radii.append(9.0 if best else 5.0)
+            color = COFITUNE_COLOR if cofitune else REFERENCE_COLOR
+            text_styles.append({"color": color, "fontweight": "bold" if best else "normal"})
+        return shown, labels, radii, text_styles
+
+    def _uni_contours(self, ax, xlim: tuple[float, float], ylim: tuple[float, float]) -> list:
+        """Light Uni. contours, labelled along the bottom edge (away from the candidates); returns the labels."""
+        import numpy as np
+
+        (x0, x1), (y0, y1) = xlim, ylim
+        gx, gy = np.meshgrid(np.linspace(x0, x1, 100), np.linspace(y0, y1, 100))
+        contours = ax.contour(
+            gx, gy, self.weight * gx + (1 - self.weight) * gy, levels=8, colors="0.82", linewidths=0.8
+        )
+        y_label = y0 + 0.1 * (y1 - y0)
+        manual = []
+        if self.weight > 0:
+            for level in contours.levels:
+                x = (level - (1 - self.weight) * y_label) / self.weight
+                if x0 + 0.03 * (x1 - x0) < x < x1 - 0.03 * (x1 - x0):
+                    manual.append((x, y_label))
+        labels = ax.clabel(contours, fmt="Uni. %.2f", fontsize=7, manual=manual or False)
+        for label in labels:
+            label.set_color("0.5")
+        return labels
+
+
+_REFERENCE_NAMES = {"base": "base model", "full": "full fine-tuning"}
+
+
+def _search_legend(fig, styles: dict, levels: list[str]) -> None:
+    """The search plot's legend, below the axes: the levels' markers, the references, the best ring, the edges."""
+    from matplotlib.lines import Line2D
+
+    from ..plotting import COFITUNE_COLOR
+
+    def marker(key: str, label: str):
+        return Line2D([], [], **{**styles[key], "linestyle": "none"}, label=label)
+
+    handles = [marker(level, f"CoFiTune, level {level}") for level in levels]
+    handles += [marker(kind, name) for kind, name in _REFERENCE_NAMES.items()]
+    handles += [
+        Line2D([], [], marker="o", markersize=12, fillstyle="none", color=COFITUNE_COLOR, linestyle="none",
+               label="best (highest Uni.)"),
+        Line2D([], [], color="0.6", marker=">", markersize=5, label="search tree: parent to child"),
+    ]  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False, fontsize=8)
