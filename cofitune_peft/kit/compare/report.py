@@ -112,8 +112,8 @@ class ComparisonResult:
     """The outcome of `compare_methods`: every grid point's scores, each method's selection, per-method costs.
 
     Attributes:
-        frontier (`list[dict]`): one row per grid point at the main seed: method, learning rate (and WiSE-FT's
-            `alpha`), validation and test `spec`, `vers` (capped), `vers_uncapped`, `uni`, `uni_uncapped`,
+        frontier (`list[dict]`): one row per grid point at the main seed: method, learning rate (and a derived
+            method's `alpha`), validation and test `spec`, `vers` (capped), `vers_uncapped`, `uni`, `uni_uncapped`,
             `ce_increase`, `kl`.
         selected (`dict[str, dict]`): per method, the row selected on validation Uni. (plus `seeds`: mean and spread
             of its test scores over the seeds run).
