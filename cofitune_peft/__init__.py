@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import _compat
+from . import _compat, _moved
 from .callback import CoFiTuneCallback
 from .config import CoFiTuneConfig
 from .errors import CoFiTuneError
@@ -22,6 +22,7 @@ from .model_card import write_cofitune_section
 __version__ = "0.2.0"
 
 _compat.register(CoFiTuneConfig, CoFiTuneModel, write_cofitune_section)
+_moved.install()
 
 # Names of the experiment kit that `from cofitune_peft import ...` still finds (imported on first use).
 _KIT_NAMES = {

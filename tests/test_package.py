@@ -165,3 +165,22 @@ def test_compat_module_states_the_versions_it_was_verified_against(module):
 
     compat = importlib.import_module(module)
     assert set(compat.TESTED) >= {"peft", "transformers", "torch"}
+
+
+@pytest.mark.parametrize("old", ["cofitune_peft.search", "cofitune_peft.training", "cofitune_peft.models"])
+def test_module_paths_of_0_1_0_still_import_with_a_warning_naming_the_new_path(old):
+    code = (
+        "import importlib, warnings\n"
+        "warnings.simplefilter('error', FutureWarning)\n"
+        f"try:\n    importlib.import_module({old!r})\n"
+        "except FutureWarning as w:\n    print(w)\n"
+        "warnings.simplefilter('ignore', FutureWarning)\n"
+        f"module = importlib.import_module({old!r})\n"
+        "print(module.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    lines = out.stdout.strip().splitlines()
+    from cofitune_peft._moved import MOVED
+
+    assert f"`{old}` moved to `{MOVED[old]}`" in lines[-2]
+    assert lines[-1] == MOVED[old]
