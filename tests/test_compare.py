@@ -373,3 +373,46 @@ def test_cli_arguments():
     assert parse_grids(args.lr) == {"lora": [1e-4, 1e-3]}
     with pytest.raises(CoFiTuneError, match="METHOD=v1"):
         parse_grids(["lora"])
+
+
+def test_seeds_run_only_for_seed_methods(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    val, test = _splits(tok)
+    calls = []
+    real = runner_module.train_sft
+    monkeypatch.setattr(
+        runner_module, "train_sft", lambda *a, **k: calls.append((k["learning_rate"], k["seed"])) or real(*a, **k)
+    )
+    grids = {"full": (1e-3,), "lora": (1e-3, 1e-2)}
+    result = compare_methods(_loader, TRAIN, tokenizer=tok, validation=val, test=test, output_dir=str(tmp_path),
+                             methods=["lora"], learning_rates=grids, seeds=[1], seed_methods=["lora"], **FAST)  # fmt: skip
+    lora_lr = result.selected["lora"]["learning_rate"]
+    assert sorted(c for c in calls if c[1] == 1) == [(lora_lr, 1)]  # full fine-tuning kept its one seed
+    with pytest.raises(CoFiTuneError, match="seed_methods"):
+        compare_methods(_loader, TRAIN, tokenizer=tok, validation=val, test=test, output_dir=str(tmp_path),
+                        methods=["lora"], learning_rates=grids, seeds=[1], seed_methods=["osf"], **FAST)  # fmt: skip
+
+
+def test_full_preset_fills_unset_options_and_keeps_given_ones():
+    from cofitune_peft.kit.compare.command import FULL_DEFAULTS, FULL_GRIDS, FULL_METHODS, _with_defaults
+
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    args = _with_defaults(parser.parse_args(["--preset", "full", "--output-dir", "x"]))
+    assert args.steps == FULL_DEFAULTS["steps"] and args.n_eval == FULL_DEFAULTS["n_eval"]
+    assert args.methods.split(",") == list(FULL_METHODS) and set(FULL_METHODS) <= set(METHODS)
+    assert args.grids == FULL_GRIDS and all(len(v) >= 3 for k, v in FULL_GRIDS.items() if METHODS[k].trains)
+    assert set(args.seed_methods.split(",")) <= set(FULL_METHODS)
+    # a subset of methods: the preset's grids and seed methods shrink to it; flags win over the preset
+    given = ["--preset", "full", "--output-dir", "x", "--methods", "lora", "--steps", "7", "--lr", "lora=1e-3,2e-3"]
+    args = _with_defaults(parser.parse_args(given))
+    assert args.steps == 7 and args.grids == {"full": FULL_GRIDS["full"], "lora": [1e-3, 2e-3]}
+    assert args.seed_methods == "full,lora"
+    plain = _with_defaults(parser.parse_args(["--preset", "words", "--output-dir", "x", "--steps", "3"]))
+    assert plain.n_eval == 100 and plain.grids == {} and plain.seeds == ""
+    with pytest.raises(CoFiTuneError, match="--steps"):
+        _with_defaults(parser.parse_args(["--preset", "words", "--output-dir", "x"]))
+    with pytest.raises(CoFiTuneError, match="--task"):
+        _with_defaults(
+            parser.parse_args(["--preset", "words", "--task", "words", "--output-dir", "x", "--steps", "1"])
+        )

@@ -316,3 +316,22 @@ def test_docstring_example_runs(name):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_word_reversal_is_deterministic_disjoint_and_correct():
+    from cofitune_peft.kit.data import word_reversal_task
+    from cofitune_peft.kit.evaluation.answers import normalize_answer
+
+    train, test = word_reversal_task(n_train=300, n_test=40, seed=1)
+    again = word_reversal_task(n_train=5, n_test=40, seed=1)[1]
+    assert test.to_dict() == again.to_dict()  # the test set does not depend on n_train
+    assert not set(train["prompt"]) & set(test["prompt"])
+    for row in list(train) + list(test):
+        words = row["prompt"].split(": ", 1)[1].split()
+        assert 3 <= len(words) <= 5 and len(set(words)) == len(words)
+        assert row["answer"].split() == words[::-1] == row["completion"].split()
+        assert normalize_answer(row["answer"]) == row["answer"]  # no article or punctuation the scorer would drop
+    with pytest.raises(CoFiTuneError, match="min_words"):
+        word_reversal_task(min_words=1)
+    with pytest.raises(CoFiTuneError, match="n_train"):
+        word_reversal_task(n_train=-1)

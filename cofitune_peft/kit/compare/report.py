@@ -76,6 +76,8 @@ def _scores(record, split, base, reference, weight) -> dict[str, Any]:
         "uni_uncapped": unified_score(spec, vers, weight) if math.isfinite(spec) else math.nan,
         "ce_increase": own["versatility"].get("ce_increase"),
         "kl": own["versatility"].get("kl"),
+        # retention of generated short answers (accuracy / the base model's), where forgetting shows first
+        "gen": (own["versatility"].get("components") or {}).get("probes_gen"),
     }
 
 
@@ -99,6 +101,10 @@ def select(validation_rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
         best_spec = max(rows, key=lambda r: r["speciality_raw"])
         out[method] = {"uni": _point_id(best_uni), "speciality": _point_id(best_spec)}
     return out
+
+
+#: Spec. levels of `ComparisonResult.at_equal_speciality` (1 = full fine-tuning's selected speciality).
+EQUAL_SPECIALITY_LEVELS = (0.25, 0.5, 0.75, 1.0)
 
 
 def _mean_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -135,6 +141,7 @@ class ComparisonResult:
 
         def row(record):
             out = {
+                "key": record.get("key"),
                 "method": record["method"],
                 "label": self._methods[record["method"]].label if record["method"] in self._methods else "",
                 "learning_rate": record.get("learning_rate"),
@@ -160,7 +167,10 @@ class ComparisonResult:
             repeats = [row(r) for r in records if _point_id(r) == _point_id(chosen)]
             chosen["seeds"] = {
                 "seeds": sorted(r["seed"] for r in repeats),
-                **{k: _mean_spread([r["test"][k] for r in repeats]) for k in ("spec", "vers", "vers_uncapped", "uni")},
+                **{
+                    k: _mean_spread([r["test"][k] for r in repeats])
+                    for k in ("spec", "vers", "vers_uncapped", "uni", "gen")
+                },
             }
         self.methods = self._costs(records)
 
@@ -185,6 +195,26 @@ class ComparisonResult:
             }
         return out
 
+    def at_equal_speciality(self, levels: Sequence[float] = EQUAL_SPECIALITY_LEVELS) -> dict[str, dict[float, Any]]:
+        """Per method and Spec. level `s`: the best test Vers. among the method's grid points whose test Spec. is at
+        least `s` (`None` where none reaches it), with that point's gen.-probe retention.
+
+        The frontier's shape: at equal speciality, which method keeps more? A step function over the grid points, no
+        interpolation; it reads the test split, so it describes the frontier and chooses nothing.
+        """
+        out: dict[str, dict[float, Any]] = {}
+        for name in self._methods:
+            rows = [r for r in self.frontier if r["method"] == name and math.isfinite(r["test"]["spec"])]
+            out[name] = {}
+            for level in levels:
+                reaching = [r for r in rows if r["test"]["spec"] >= level]
+                best = max(reaching, key=lambda r: r["test"]["vers"], default=None)
+                out[name][level] = None if best is None else {
+                    "vers": best["test"]["vers"], "gen": best["test"].get("gen"), "spec": best["test"]["spec"],
+                    "learning_rate": best["learning_rate"], "alpha": best.get("alpha"),
+                }  # fmt: skip
+        return out
+
     # -- output
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,6 +226,9 @@ class ComparisonResult:
             "selected": self.selected,
             "best_speciality": self.best_speciality,
             "frontier": self.frontier,
+            "at_equal_speciality": {
+                m: {f"{k:g}": v for k, v in d.items()} for m, d in self.at_equal_speciality().items()
+            },
         }
 
     def to_markdown(self) -> str:
@@ -209,16 +242,17 @@ class ComparisonResult:
         lines = [
             "Selected on validation (best validation Uni.; Vers. capped at 1, uncapped in brackets), scored on test:",
             "",
-            "| method | lr | val Uni. | Spec. | Vers. | Uni. | CE drift | trainable | step vs LoRA | seeds: Uni. |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| method | lr | val Uni. | Spec. | Vers. | gen. probes | Uni. | CE drift | trainable | step vs LoRA | "
+            "seeds: Spec. | seeds: Vers. | seeds: Uni. |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in self.selected.items():
             t, cost, s = r["test"], self.methods[name], r["seeds"]
-            seeds = f"{f(s['uni'][0])} ± {f(s['uni'][1])} (n={len(s['seeds'])})"
+            seeds = " | ".join(f"{f(s[k][0])} ± {f(s[k][1])} (n={len(s['seeds'])})" for k in ("spec", "vers", "uni"))
             ratio = f(cost["step_time_vs_lora"], 2)
             lines.append(
                 f"| {cost['label']} | {grid(r)} | {f(r['validation']['uni'])} | {f(t['spec'])} | {f(t['vers'])} "
-                f"({f(t['vers_uncapped'])}) | {f(t['uni'])} | {f(t['ce_increase'], 4)} | "
+                f"({f(t['vers_uncapped'])}) | {f(t.get('gen'), 2)} | {f(t['uni'])} | {f(t['ce_increase'], 4)} | "
                 f"{cost['trainable_parameters']:,} | {ratio} | {seeds} |"
             )
         lines += ["", "Best validation speciality per method (test scores):", ""]
@@ -230,15 +264,25 @@ class ComparisonResult:
             )
         lines += ["", "Frontier (every grid point, test scores; validation Uni. in the last column):", ""]
         lines += [
-            "| method | lr | Spec. | Vers. | Vers. uncapped | Uni. | CE drift | KL | val Uni. |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | lr | Spec. | Vers. | Vers. uncapped | gen. probes | Uni. | CE drift | KL | val Uni. |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.frontier:
             t = r["test"]
             lines.append(
                 f"| {r['label']} | {grid(r)} | {f(t['spec'])} | {f(t['vers'])} | {f(t['vers_uncapped'])} | "
-                f"{f(t['uni'])} | {f(t['ce_increase'], 4)} | {f(t['kl'], 4)} | {f(r['validation']['uni'])} |"
+                f"{f(t.get('gen'), 2)} | {f(t['uni'])} | {f(t['ce_increase'], 4)} | {f(t['kl'], 4)} | "
+                f"{f(r['validation']['uni'])} |"
             )
+        levels = EQUAL_SPECIALITY_LEVELS
+        lines += ["", "At equal speciality: the best test Vers. (gen.-probe retention) among a method's grid points "
+                  "whose test Spec. reaches the level (- where none does):", ""]  # fmt: skip
+        lines += ["| method | " + " | ".join(f"Spec. >= {x:g}" for x in levels) + " |", "|---|" + "---|" * len(levels)]
+        for name, cells in self.at_equal_speciality(levels).items():
+            if name == "base":
+                continue
+            shown = [f"{f(c['vers'])} ({f(c['gen'], 2)})" if c else "-" for c in cells.values()]
+            lines.append(f"| {self.methods[name]['label']} | " + " | ".join(shown) + " |")
         ref = self.reference
         lines += ["", f"Spec. is relative to full fine-tuning at lr {ref['learning_rate']:.0e} (best validation "
                   f"speciality); Uni. = {self.weight:g} Spec. + {1 - self.weight:g} Vers."]  # fmt: skip

