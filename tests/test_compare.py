@@ -416,3 +416,18 @@ def test_full_preset_fills_unset_options_and_keeps_given_ones():
         _with_defaults(
             parser.parse_args(["--preset", "words", "--task", "words", "--output-dir", "x", "--steps", "1"])
         )
+
+
+def test_report_only_trains_nothing_and_reports_the_cached_runs(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    val, test = _splits(tok)
+    kwargs = {"tokenizer": tok, "validation": val, "test": test, "output_dir": str(tmp_path), "methods": ["lora"],
+              "learning_rates": {"full": (1e-3,), "lora": (1e-3, 1e-2)}}  # fmt: skip
+    monkeypatch.setattr(runner_module, "train_sft", lambda *a, **k: pytest.fail("report_only trained"))
+    with pytest.raises(CoFiTuneError, match="base model's run is missing"):
+        compare_methods(_loader, TRAIN, report_only=True, **kwargs, **FAST)
+    monkeypatch.undo()
+    done = compare_methods(_loader, TRAIN, **{**kwargs, "learning_rates": {"full": (1e-3,), "lora": (1e-3,)}}, **FAST)
+    monkeypatch.setattr(runner_module, "train_sft", lambda *a, **k: pytest.fail("report_only trained"))
+    again = compare_methods(_loader, TRAIN, report_only=True, **kwargs, **FAST)  # lora 1e-2 never ran: left out
+    assert again.frontier == done.frontier and again.selected.keys() == done.selected.keys()

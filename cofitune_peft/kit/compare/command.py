@@ -107,6 +107,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l2", type=float, default=1.0, help="strength of the L2-to-base penalty")
     parser.add_argument("--importance-samples", type=int, default=64, help="general texts for importance")
     parser.add_argument("--weight", type=float, default=0.5, help="weight of Spec. in Uni.")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the cached runs")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
@@ -232,6 +233,7 @@ def compare_command(args: argparse.Namespace) -> int:
             seed_methods=_names(args.seed_methods) or None,
             importance_kwargs={"num_samples": args.importance_samples},
             weight=args.weight,
+            report_only=args.report_only,
             progress=not args.no_progress,
         )
         if task:

@@ -338,6 +338,7 @@ def compare_methods(
     seeds: Sequence[int] = (),
     seed_methods: Sequence[str] | None = None,
     save_adapters: Sequence[str] = (),
+    report_only: bool = False,
     importance_kwargs: Mapping[str, Any] | None = None,
     weight: float = 0.5,
     progress: bool = True,
@@ -374,6 +375,8 @@ def compare_methods(
             every compared method); the others report their one seed.
         save_adapters (`Sequence[str]`, *optional*): PEFT methods whose runs save their adapter, as trained in this
             call (a cached run saves nothing), to `output_dir/adapters/<run key>` (the row's `key`).
+        report_only (`bool`, *optional*, defaults to `False`): train and score nothing; report the runs cached in
+            `output_dir` (a comparison still running, or interrupted). Methods without a finished run are left out.
         importance_kwargs (`Mapping`, *optional*): `estimate_importance` arguments (e.g. `num_samples`).
         weight (`float`, *optional*, defaults to 0.5): Spec.'s weight in Uni.
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
@@ -425,10 +428,11 @@ def compare_methods(
                       progress)  # fmt: skip
     run.save_adapters = frozenset(save_adapters)
     run.check_settings()
-    run.prepare(seed, importance_kwargs or {})
-    run.run_jobs(run.grid_points(seed), desc="compare")
+    if not report_only:
+        run.prepare(seed, importance_kwargs or {})
+        run.run_jobs(run.grid_points(seed), desc="compare")
     result = ComparisonResult(run.records(), resolved, seed=seed, weight=weight)
-    if seeds:
+    if seeds and not report_only:
         chosen: dict[str, list] = {}
         for name, row in result.selected.items():
             if seed_methods is not None and name not in seed_methods:

@@ -1,0 +1,194 @@
+"""The committed comparison (`cofitune compare --preset full`), summed up across its tasks: the headline table with
+seed spreads, which differences exceed the spread, which mask variant wins on validation, and one plot.
+
+Reads `DIR/<task>/comparison.json` (written by `compare_methods`; re-run `cofitune compare --preset full --output-dir
+DIR` to refresh them from the cached runs) and writes `DIR/summary.json` and `DIR/summary.png`; prints markdown.
+
+    python benchmarks/comparison_summary.py [--dir benchmarks/results/comparison]
+
+Rules (docs/results.md):
+- a method's point is its selection on validation (best validation Uni., each retention capped at 1); the numbers are
+  the test split's, mean ± standard deviation over the seeds run for that point (n=1: no spread);
+- a difference between two methods "exceeds the spread" when it is larger than the sum of their standard deviations
+  and both have at least two seeds; otherwise it is called noise (or, with one seed, unmeasured);
+- the mask variant the project recommends is the one with the best validation Uni. at its selected point, averaged
+  over the tasks; it is compared with the coarse level (no mask) the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+HEADLINE = ("full", "wiseft", "lora", "cofitune", "cofitune_alpha")
+MASKS = ("cofitune_mask", "cofitune_mask_mean1", "cofitune_onesided", "cofitune_fisher", "cofitune_hard")
+BASELINES = ("full", "wiseft", "lora", "l1", "l2", "corda_kpm", "osf")
+METRICS = ("spec", "vers", "gen", "uni")
+
+
+def _load(directory: str) -> dict[str, dict]:
+    out = {}
+    for task in sorted(os.listdir(directory)):
+        path = os.path.join(directory, task, "comparison.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                out[task] = json.load(fh)
+    if not out:
+        raise SystemExit(f"no <task>/comparison.json under {directory}; run `cofitune compare --preset full` first")
+    return out
+
+
+def _stat(row: dict, metric: str) -> tuple[float, float, int]:
+    """`(mean, sd, n)` of a selected point's test metric over its seeds (the main seed alone when no repeat ran)."""
+    seeds = row.get("seeds") or {}
+    n = len(seeds.get("seeds") or [])
+    if metric in seeds and n:
+        mean, sd = seeds[metric]
+        if mean is not None and math.isfinite(mean):
+            return mean, sd, n
+    value = row["test"].get(metric)
+    return (math.nan if value is None else value), math.nan, 1
+
+
+def _fmt(stat: tuple[float, float, int], digits: int = 3) -> str:
+    mean, sd, n = stat
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def best_mask(comparisons: dict[str, dict]) -> tuple[str | None, dict[str, float]]:
+    """The mask variant with the best mean validation Uni. over the tasks that ran it at all (each at its point)."""
+    scores: dict[str, list[float]] = {}
+    for comparison in comparisons.values():
+        for name in (*MASKS, "cofitune"):
+            if name in comparison["selected"]:
+                scores.setdefault(name, []).append(comparison["selected"][name]["validation"]["uni"])
+    complete = {m: sum(v) / len(v) for m, v in scores.items() if len(v) == len(comparisons)}
+    masks = {m: v for m, v in complete.items() if m in MASKS}
+    return (max(masks, key=masks.get) if masks else None), complete
+
+
+def compare_pair(a: dict, b: dict, metric: str) -> dict:
+    (ma, sa, na), (mb, sb, nb) = _stat(a, metric), _stat(b, metric)
+    diff = ma - mb
+    if na < 2 or nb < 2:
+        call = "one seed: unmeasured spread"
+    elif abs(diff) > sa + sb:
+        call = "exceeds the spread"
+    else:
+        call = "noise"
+    return {"diff": diff, "spread": (sa + sb) if na > 1 and nb > 1 else None, "call": call}
+
+
+def summarise(comparisons: dict[str, dict]) -> dict:
+    mask, validation_uni = best_mask(comparisons)
+    out = {"best_mask": mask, "validation_uni": validation_uni, "tasks": {}}
+    ours = [m for m in ("cofitune", mask, "cofitune_alpha") if m]
+    for task, comparison in comparisons.items():
+        selected = comparison["selected"]
+        labels = {m: c["label"] for m, c in comparison["methods"].items()}
+        rows = []
+        for name in ("base", *HEADLINE, *MASKS, *[b for b in BASELINES if b not in HEADLINE], "cofitune_gradient",
+                     "vsoftmask"):  # fmt: skip
+            if name not in selected:
+                continue
+            row = selected[name]
+            rows.append({"method": name, "label": labels.get(name, name), "learning_rate": row["learning_rate"],
+                         "alpha": row.get("alpha"), **{k: _stat(row, k) for k in METRICS}})  # fmt: skip
+        pairs = []
+        for a in ours:
+            for b in ("lora", "full", "wiseft", "cofitune"):
+                if a == b or a not in selected or b not in selected:
+                    continue
+                pairs.append({"ours": a, "baseline": b,
+                              **{k: compare_pair(selected[a], selected[b], k) for k in ("spec", "vers", "uni")}})  # fmt: skip
+        out["tasks"][task] = {
+            "rows": rows,
+            "pairs": pairs,
+            "reference": comparison["reference"],
+            "at_equal_speciality": comparison.get("at_equal_speciality", {}),
+            "labels": labels,
+        }
+    return out
+
+
+def to_markdown(summary: dict) -> str:
+    lines = []
+    for task, data in summary["tasks"].items():
+        lines += [
+            f"### {task}",
+            "",
+            "| method | lr | Spec. | Vers. | gen. probes | Uni. | seeds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in data["rows"]:
+            lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:.0e}"
+            if r["alpha"] is not None:
+                lr += f", a={r['alpha']:g}"
+            lines.append(f"| {r['label']} | {lr} | {_fmt(r['spec'])} | {_fmt(r['vers'])} | {_fmt(r['gen'], 2)} | "
+                         f"{_fmt(r['uni'])} | {r['uni'][2]} |")  # fmt: skip
+        lines += ["", "| CoFiTune method vs | Δ Spec. | Δ Vers. | Δ Uni. |", "|---|---|---|---|"]
+        for p in data["pairs"]:
+            cells = [f"{p[k]['diff']:+.3f} ({p[k]['call']})" for k in ("spec", "vers", "uni")]
+            lines.append(
+                f"| {data['labels'][p['ours']]} vs {data['labels'][p['baseline']]} | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+    lines.append(
+        f"Best mask variant on validation (mean selected validation Uni. over the tasks): {summary['best_mask']}"
+    )
+    for name, value in sorted(summary["validation_uni"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"- {name}: {value:.3f}")
+    return "\n".join(lines)
+
+
+def plot(comparisons: dict[str, dict], summary: dict, path: str) -> str:
+    """One panel per task: test Spec. against test Vers. over each headline method's grid; selected points starred."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from cofitune_peft.kit.plotting import family_styles, new_figure, save_figure
+
+    shown = [m for m in ("cofitune", summary["best_mask"], "cofitune_alpha") if m]
+    others = ["full", "wiseft", "lora"]
+    styles = family_styles(shown, others)
+    fig = new_figure(figsize=(6 * len(comparisons), 5))
+    axes = [fig.add_subplot(1, len(comparisons), i + 1) for i in range(len(comparisons))]
+    for ax, (task, comparison) in zip(axes, comparisons.items()):
+        for name in [*others, *shown]:
+            rows = [r for r in comparison["frontier"] if r["method"] == name and r["test"]["spec"] is not None
+                    and math.isfinite(r["test"]["spec"])]  # fmt: skip
+            if not rows:
+                continue
+            rows.sort(key=lambda r: (r["learning_rate"] or 0, r.get("alpha") or 0))
+            ax.plot([r["test"]["vers"] for r in rows], [r["test"]["spec"] for r in rows], markersize=5,
+                    label=comparison["methods"][name]["label"], **styles[name])  # fmt: skip
+            chosen = comparison["selected"].get(name)
+            if chosen and math.isfinite(chosen["test"]["spec"]):
+                ax.plot([chosen["test"]["vers"]], [chosen["test"]["spec"]], marker="*", markersize=14,
+                        color=styles[name]["color"], markeredgecolor="black", linestyle="none", zorder=4)  # fmt: skip
+        ax.set_title(f"{task}: every learning rate (stars: selected on validation)", fontsize=10)
+        ax.set_xlabel("Vers. on test (capped at 1)")
+        ax.set_ylabel("Spec. on test (1 = full fine-tuning)")
+        ax.grid(True, alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", default=os.path.join("benchmarks", "results", "comparison"))
+    args = parser.parse_args()
+    comparisons = _load(args.dir)
+    summary = summarise(comparisons)
+    summary["markdown"] = to_markdown(summary)
+    with open(os.path.join(args.dir, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2, default=float)
+    plot(comparisons, summary, os.path.join(args.dir, "summary.png"))
+    print(summary["markdown"])
+
+
+if __name__ == "__main__":
+    main()
