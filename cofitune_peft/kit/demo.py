@@ -62,10 +62,10 @@ class DemoSettings:
 # Sized for 2 CPU cores: the default under 30 minutes, --quick under 5.
 DEFAULT = DemoSettings()
 QUICK = DemoSettings(
-    steps=6,
-    n_eval=8,
-    n_general=4,
-    importance_samples=8,
+    steps=10,
+    n_eval=12,
+    n_general=3,
+    importance_samples=6,
     grids={name: values[1:] for name, values in DEFAULT_GRIDS.items()},
 )
 
@@ -188,7 +188,15 @@ def demo_command(args: argparse.Namespace) -> int:
         settings = replace(settings, grids={**settings.grids, **{k: tuple(v) for k, v in grids.items()}})
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = run_demo(settings, args.output_dir, model=args.model, progress=not args.no_progress)
+    try:
+        summary = run_demo(settings, args.output_dir, model=args.model, progress=not args.no_progress)
+    except CoFiTuneError as err:
+        if "Spec. is undefined" not in str(err):
+            raise
+        raise CoFiTuneError(
+            f"{err}\nThe demo's runs are too short for full fine-tuning to learn the task ({settings.steps} steps); "
+            "raise `--steps` (the cached runs of other settings are not reused: use a new `--output-dir`)."
+        ) from None
     print(summary["table"])
     print("\nVerdict (test split, each method at its learning rate selected on validation):")
     for line in summary["verdict"]:
