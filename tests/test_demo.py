@@ -54,3 +54,14 @@ def test_demo_refuses_methods_it_does_not_compare(tmp_path):
         demo.demo_command(parser.parse_args(["--output-dir", str(tmp_path), "--lr", "osf=1e-4,2e-4,3e-4"]))
     with pytest.raises(CoFiTuneError, match="--steps"):
         demo.demo_command(parser.parse_args(["--output-dir", str(tmp_path), "--steps", "0"]))
+
+
+def test_demo_says_what_to_do_when_runs_are_too_short_to_learn(tmp_path, monkeypatch):
+    def too_short(*args, **kwargs):
+        raise CoFiTuneError("Spec. is undefined: full fine-tuning did not change the speciality score (base 0, full 0)")
+
+    monkeypatch.setattr(demo, "run_demo", too_short)
+    parser = argparse.ArgumentParser()
+    demo.add_demo_arguments(parser)
+    with pytest.raises(CoFiTuneError, match=r"too short.*raise `--steps`"):
+        demo.demo_command(parser.parse_args(["--quick", "--output-dir", str(tmp_path)]))
