@@ -40,8 +40,10 @@ FULL_DEFAULTS = {
 #: sized for 150 steps; the post-hoc grids of the derived methods (WiSE-FT, CoFiTune's strength) cut to two values.
 FULL_GRIDS = {
     **dict.fromkeys(("full", "l1", "l2", "osf", "vsoftmask"), (3e-05, 0.0001, 0.0003)),
-    **dict.fromkeys(("lora", "corda_kpm", "cofitune", "cofitune_gradient"), (0.0003, 0.001, 0.003)),
-    **dict.fromkeys(("cofitune_mask", "cofitune_onesided", "cofitune_fisher"), (0.0006, 0.002, 0.006)),
+    **dict.fromkeys(("lora", "corda_kpm", "cofitune_gradient"), (3e-4, 1e-3, 3e-3)),
+    # CoFiTune's coarse window collapses on arithmetic at 1e-3 after 40 steps: its grid reaches one step lower.
+    "cofitune": (1e-4, 3e-4, 1e-3, 3e-3),
+    **dict.fromkeys(("cofitune_mask", "cofitune_onesided", "cofitune_fisher"), (2e-4, 6e-4, 2e-3, 6e-3)),
     **dict.fromkeys(("cofitune_mask_mean1", "cofitune_hard"), (0.0003, 0.001, 0.003)),
     "wiseft": (0.3, 0.6),
     "cofitune_alpha": (0.3, 0.6),
