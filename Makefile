@@ -3,9 +3,9 @@
 setup:
 	bash scripts/setup.sh
 
-# The main job: base / full FT / LoRA / CoFiTune (coarse, update mask, gradient mask) on the embedded
-# SmolLM2-135M-Instruct, same budget each; a Spec./Vers./Uni. table, results.json, results.png, the adapter.
-# `make demo DEMO_ARGS=--quick` for the 5-minute version.
+# The main job: base / full FT / LoRA / CoFiTune coarse / CoFiTune + update mask fine-tuned on number-only arithmetic
+# on the embedded SmolLM2-135M-Instruct, each at its learning rate selected on validation; the frontier tables, a
+# verdict, comparison.{json,md,png}, demo.json and the CoFiTune adapters. `make demo DEMO_ARGS=--quick`: smoke run.
 demo: setup
 	. .venv/bin/activate && cofitune demo --output-dir outputs/demo $(DEMO_ARGS)
 

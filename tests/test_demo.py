@@ -39,10 +39,11 @@ def test_demo_runs_the_reduced_comparison_and_saves_the_selected_adapter(tmp_pat
     summary = json.loads((tmp_path / "demo.json").read_text())
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     assert list(comparison["selected"]) == list(demo.METHODS)
-    assert all(len(demo.QUICK.grids[m]) == 2 for m in demo.METHODS[1:])
+    assert all(len(demo.QUICK.grids[m]) == 1 for m in demo.METHODS[1:])
+    assert all(len(demo.DEFAULT.grids[m]) == 3 for m in demo.METHODS[1:])
     # every trained point of the mask method saved its adapter; the demo names the selected one
     assert summary["adapter"].endswith(comparison["selected"][demo.DEMO_MASK]["key"])
-    assert (tmp_path / "adapters").is_dir() and len(list((tmp_path / "adapters").iterdir())) == 2
+    assert (tmp_path / "adapters").is_dir() and len(list((tmp_path / "adapters").iterdir())) == 1
     assert len(summary["verdict"]) == 4 and "Verdict" in out and "LoRA" in out
     assert (tmp_path / "comparison.png").stat().st_size > 0
 

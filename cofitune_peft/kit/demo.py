@@ -10,9 +10,9 @@ answers and multiple choice) and of the model's distribution on general prose (C
 relative to the base model and capped at 1.
 
 It prints the selected points, the frontier and the comparison at equal speciality, a verdict, and writes
-`comparison.{json,md,png}` (`compare_methods`' outputs) and `demo.json` to the output directory, with the adapter of
-the selected CoFiTune run under `cofitune_adapter/`. `--quick` is a smoke run of the same pipeline (two learning
-rates per method, tiny eval splits): it shows the mechanics, not an answer.
+`comparison.{json,md,png}` (`compare_methods`' outputs) and `demo.json` to the output directory, with the adapters of
+the mask method's runs under `adapters/`. `--quick` is a smoke run of the same pipeline (one learning rate per method,
+8-question eval splits, under 5 minutes): it shows the mechanics, selects nothing and answers nothing.
 """
 
 from __future__ import annotations
@@ -64,10 +64,10 @@ class DemoSettings:
 DEFAULT = DemoSettings()
 QUICK = DemoSettings(
     steps=10,
-    n_eval=12,
-    n_general=3,
+    n_eval=8,
+    n_general=2,
     importance_samples=6,
-    grids={name: values[1:] for name, values in DEFAULT_GRIDS.items()},
+    grids={name: values[1:2] for name, values in DEFAULT_GRIDS.items()},  # one rate each: it selects nothing
 )
 
 
