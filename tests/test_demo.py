@@ -59,7 +59,9 @@ def test_demo_refuses_methods_it_does_not_compare(tmp_path):
 
 def test_demo_says_what_to_do_when_runs_are_too_short_to_learn(tmp_path, monkeypatch):
     def too_short(*args, **kwargs):
-        raise CoFiTuneError("Spec. is undefined: full fine-tuning did not change the speciality score (base 0, full 0)")
+        raise CoFiTuneError(
+            "Spec. is undefined: full fine-tuning did not change the speciality score (base 0, full 0)"
+        )
 
     monkeypatch.setattr(demo, "run_demo", too_short)
     parser = argparse.ArgumentParser()
