@@ -11,7 +11,6 @@ choice) are split by country, general prose by document; importance and CorDA re
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -80,23 +79,11 @@ def task_splits(
 
 
 def model_loader(name: str) -> tuple[Callable[[], Any], Any]:
-    """`(load, tokenizer)`: `load()` returns a fresh copy of the model `name` ("smollm2", the embedded
-    SmolLM2-135M-Instruct, or a local transformers folder), read from disk once (a GGUF file takes ~20 s to load)."""
-    import torch
+    """`(load, tokenizer)`: `load()` returns a fresh copy of the model `name` (what `cofitune --model` takes: "smollm2",
+    a local folder or a Hub id; `loading.load_model_for_command`), read from disk once (a GGUF takes ~20 s to load)."""
+    from ..loading import load_model_for_command
 
-    if name in ("smollm2", "smollm2-135m-instruct"):
-        from ..loading import load_smollm2
-
-        model, tokenizer = load_smollm2()
-    elif os.path.isdir(name):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    else:
-        raise CoFiTuneError(f"`--model` must be 'smollm2' or a local model directory, got {name!r}.")
+    model, tokenizer = load_model_for_command(name)
     model.eval()
 
     def load():
