@@ -138,12 +138,39 @@ def to_markdown(summary: dict) -> str:
                 f"| {data['labels'][p['ours']]} vs {data['labels'][p['baseline']]} | " + " | ".join(cells) + " |"
             )
         lines.append("")
+    lines += _equal_speciality_markdown(summary)
     lines.append(
         f"Best mask variant on validation (mean selected validation Uni. over the tasks): {summary['best_mask']}"
     )
     for name, value in sorted(summary["validation_uni"].items(), key=lambda kv: -kv[1]):
         lines.append(f"- {name}: {value:.3f}")
     return "\n".join(lines)
+
+
+def _equal_speciality_markdown(summary: dict) -> list[str]:
+    """Every method's best test Vers. (gen.-probe retention) at each speciality level, one row per task and method."""
+    tasks = summary["tasks"]
+    levels = sorted({level for data in tasks.values() for table in data["at_equal_speciality"].values()
+                     for level in table}, key=float)  # fmt: skip
+    if not levels:
+        return []
+    lines = [
+        "At equal speciality (best test Vers. among a method's grid points whose test Spec. reaches the level, "
+        "gen.-probe retention in brackets):",
+        "",
+        "| task | method | " + " | ".join(f"Spec. >= {level}" for level in levels) + " |",
+        "|---|---|" + "---|" * len(levels),
+    ]
+    for task, data in tasks.items():
+        for name, table in data["at_equal_speciality"].items():
+            if name == "base":
+                continue
+            cells = []
+            for level in levels:
+                point = table.get(level)
+                cells.append("-" if not point else f"{point['vers']:.3f} ({point['gen']:.2f})")
+            lines.append(f"| {task} | {data['labels'].get(name, name)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(comparisons: dict[str, dict], summary: dict, path: str) -> str:
