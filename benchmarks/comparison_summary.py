@@ -97,8 +97,10 @@ def summarise(comparisons: dict[str, dict]) -> dict:
             if name not in selected:
                 continue
             row = selected[name]
+            cost = comparison["methods"].get(name, {})
             rows.append({"method": name, "label": labels.get(name, name), "learning_rate": row["learning_rate"],
-                         "alpha": row.get("alpha"), **{k: _stat(row, k) for k in METRICS}})  # fmt: skip
+                         "alpha": row.get("alpha"), "trainable": cost.get("trainable_parameters"),
+                         "step_vs_lora": cost.get("step_time_vs_lora"), **{k: _stat(row, k) for k in METRICS}})  # fmt: skip
         pairs = []
         for a in ours:
             for b in ("lora", "full", "wiseft", "cofitune"):
@@ -122,15 +124,17 @@ def to_markdown(summary: dict) -> str:
         lines += [
             f"### {task}",
             "",
-            "| method | lr | Spec. | Vers. | gen. probes | Uni. | seeds |",
-            "|---|---|---|---|---|---|---|",
+            "| method | lr | Spec. | Vers. | gen. probes | Uni. | seeds | trainable | step vs LoRA |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in data["rows"]:
             lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:.0e}"
             if r["alpha"] is not None:
                 lr += f", a={r['alpha']:g}"
+            trainable = "-" if r.get("trainable") is None else f"{r['trainable'] / 1e6:.1f}M"
+            step = "-" if r.get("step_vs_lora") is None else f"{r['step_vs_lora']:.2f}"
             lines.append(f"| {r['label']} | {lr} | {_fmt(r['spec'])} | {_fmt(r['vers'])} | {_fmt(r['gen'], 2)} | "
-                         f"{_fmt(r['uni'])} | {r['uni'][2]} |")  # fmt: skip
+                         f"{_fmt(r['uni'])} | {r['uni'][2]} | {trainable} | {step} |")  # fmt: skip
         lines += ["", "| CoFiTune method vs | Δ Spec. | Δ Vers. | Δ Uni. |", "|---|---|---|---|"]
         for p in data["pairs"]:
             cells = [f"{p[k]['diff']:+.3f} ({p[k]['call']})" for k in ("spec", "vers", "uni")]
