@@ -11,8 +11,9 @@ Rules (docs/results.md):
   the test split's, mean ± standard deviation over the seeds run for that point (n=1: no spread);
 - a difference between two methods "exceeds the spread" when it is larger than the sum of their standard deviations
   and both have at least two seeds; otherwise it is called noise (or, with one seed, unmeasured);
-- the mask variant the project recommends is the one with the best validation Uni. at its selected point, averaged
-  over the tasks; it is compared with the coarse level (no mask) the same way.
+- the best mask variant is the one with the best validation Uni. at its selected point, averaged over the tasks
+  that ran every variant; it is compared with the coarse level (no mask) the same way. The library's default changes
+  only when that winner leads the default (`cofitune_mask`) by more than the seed spread (docs/results.md).
 """
 
 from __future__ import annotations
