@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
+from bench_scripts import benchmark_script
 from tiny_models import tiny_model, tiny_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, BENCH)  # the script imports its sibling `_common`
-    try:
-        path = os.path.join(BENCH, "bench_importance_ablation.py")
-        spec = importlib.util.spec_from_file_location("bench_importance_ablation", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(BENCH)
-    return module
+    with benchmark_script("bench_importance_ablation.py") as module:
+        yield module
 
 
 def test_select_units_ranks_globally_across_layers(bench):

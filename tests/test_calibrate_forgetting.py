@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
+from bench_scripts import benchmark_script
 from tiny_models import tiny_model, tiny_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "calibrate_forgetting.py")
 
 
 @pytest.fixture(scope="module")
 def calib():
-    spec = importlib.util.spec_from_file_location("calibrate_forgetting", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("calibrate_forgetting.py") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_run_order_puts_each_methods_highest_rate_first(calib):

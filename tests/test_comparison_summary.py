@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "comparison_summary.py")
+from bench_scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def summary_module():
-    spec = importlib.util.spec_from_file_location("comparison_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("comparison_summary.py") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _scores(spec, vers, gen=0.5):
