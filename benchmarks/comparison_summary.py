@@ -28,6 +28,7 @@ HEADLINE = ("full", "wiseft", "lora", "cofitune", "cofitune_alpha")
 MASKS = ("cofitune_mask", "cofitune_mask_mean1", "cofitune_onesided", "cofitune_fisher", "cofitune_hard")
 BASELINES = ("full", "wiseft", "lora", "l1", "l2", "corda_kpm", "osf")
 METRICS = ("spec", "vers", "gen", "uni")
+POST_HOC = ("wiseft", "cofitune_alpha")  # derived from trained runs, no training of their own
 
 
 def _load(directory: str) -> dict[str, dict]:
@@ -179,11 +180,12 @@ def _equal_speciality_markdown(summary: dict) -> list[str]:
 
 
 def plot(comparisons: dict[str, dict], summary: dict, path: str) -> str:
-    """One panel per task: test Spec. against test Vers. over each headline method's grid; selected points starred."""
+    """One panel per task: test Spec. against test Vers. over each headline method's grid (the post-hoc methods as
+    points only), the default mask and the best mask variant on validation; selected points starred."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from cofitune_peft.kit.plotting import family_styles, new_figure, save_figure
 
-    shown = [m for m in ("cofitune", summary["best_mask"], "cofitune_alpha") if m]
+    shown = list(dict.fromkeys(m for m in ("cofitune", "cofitune_mask", summary["best_mask"], "cofitune_alpha") if m))
     others = ["full", "wiseft", "lora"]
     styles = family_styles(shown, others)
     fig = new_figure(figsize=(6 * len(comparisons), 5))
@@ -195,8 +197,11 @@ def plot(comparisons: dict[str, dict], summary: dict, path: str) -> str:
             if not rows:
                 continue
             rows.sort(key=lambda r: (r["learning_rate"] or 0, r.get("alpha") or 0))
+            style = dict(styles[name])
+            if name in POST_HOC:  # points from several training runs: a line through them would mean nothing
+                style["linestyle"] = "none"
             ax.plot([r["test"]["vers"] for r in rows], [r["test"]["spec"] for r in rows], markersize=5,
-                    label=comparison["methods"][name]["label"], **styles[name])  # fmt: skip
+                    label=comparison["methods"][name]["label"], **style)  # fmt: skip
             chosen = comparison["selected"].get(name)
             if chosen and math.isfinite(chosen["test"]["spec"]):
                 ax.plot([chosen["test"]["vers"]], [chosen["test"]["spec"]], marker="*", markersize=14,
