@@ -39,8 +39,9 @@ from __future__ import annotations
 from ..evaluation.answers import extract_number
 from .arithmetic import arithmetic_task, to_messages
 from .general_text import general_texts
+from .knowledge import knowledge_task
 from .probes import _capital_table as _capital_table
-from .probes import answer_matches, capital_probes
+from .probes import answer_matches, capital_probes, probe_splits
 from .words import word_reversal_task
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "capital_probes",
     "extract_number",
     "general_texts",
+    "knowledge_task",
+    "probe_splits",
     "to_messages",
     "word_reversal_task",
 ]

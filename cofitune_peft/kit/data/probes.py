@@ -1,7 +1,9 @@
-"""Versatility probes: country capitals from the factbook, as short answers or 4-way multiple choice.
+"""Versatility probes: country capitals from the factbook and chemical symbols, as short answers or 4-way multiple
+choice.
 
-SmolLM2-135M-Instruct knows many capitals, so they are general knowledge a fine-tune can make it lose. Only cleanly
-named, single capitals are used, and none that the question gives away.
+SmolLM2-135M-Instruct knows many capitals and symbols, so they are general knowledge a fine-tune can make it lose. Only
+cleanly named, single capitals are used, and none that the question gives away. `probe_splits` draws disjoint
+validation and test sets from both sources (the factbook has only ~169 clean capitals).
 """
 
 from __future__ import annotations
@@ -199,3 +201,75 @@ def capital_probes(
         rows["options"].append(options)
         rows["label"].append(options.index(capital))
     return Dataset.from_dict(rows)
+
+
+#: The probe sources of `probe_splits`: country capitals (factbook) and chemical symbols (`elements`).
+PROBE_SOURCES = ("capitals", "elements")
+
+
+def probe_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
+    """Disjoint probe sets per split, each with `n` short-answer and `n` multiple-choice probes on the same `n` subjects.
+
+    Subjects (countries, elements) are shuffled with `seed` and dealt out so that no subject is in two splits; each
+    split takes capitals and elements in proportion to how many of each exist (about 60% capitals). Short-answer
+    capital probes are matched as whole words ("contains"), element symbols as case-sensitive tokens (`match="token"`).
+    Measured on SmolLM2-135M-Instruct (greedy, 16 new tokens): 78 of 169 capitals and 59 of 118 symbols answered.
+
+    Args:
+        sizes (`dict[str, int]`): probes (of each kind) per split, e.g. `{"validation": 80, "test": 120}`.
+        seed (`int`, *optional*, defaults to 0): the seed of the shuffle and of the distractors.
+
+    Returns:
+        `dict[str, list[dict]]`: per split, the short probes then the multiple-choice ones; every probe has `prompt`,
+        `answer`, `subject` and `source`; short ones `aliases` (and `match` for symbols), multiple-choice ones
+        `options` and `label`.
+
+    Example:
+
+    ```python
+    >>> from cofitune_peft.kit.data import probe_splits
+    >>> splits = probe_splits({"validation": 10, "test": 20})
+    >>> [len(v) for v in splits.values()]
+    [20, 40]
+    >>> {p["subject"] for p in splits["validation"]} & {p["subject"] for p in splits["test"]}
+    set()
+    ```
+    """
+    from .elements import element_rows, element_table
+
+    capitals = list(_capital_table(False))
+    elements = list(element_table())
+    total = sum(sizes.values()) if all(isinstance(n, int) and n >= 1 for n in sizes.values()) else -1
+    if total < 1 or total > len(capitals) + len(elements):
+        raise CoFiTuneError(
+            f"`sizes` must hold positive ints summing to at most {len(capitals) + len(elements)} ({len(capitals)} "
+            f"capitals and {len(elements)} elements), got {sizes!r}."
+        )
+    rng = random.Random(seed)
+    rng.shuffle(capitals)
+    rng.shuffle(elements)
+    share = len(capitals) / (len(capitals) + len(elements))
+    all_capitals = sorted({capital for _, capital, _ in capitals})
+    out = {}
+    for split, n in sizes.items():
+        n_cap = min(round(n * share), len(capitals))
+        n_el = n - n_cap
+        if n_el > len(elements):
+            n_cap, n_el = n - len(elements), len(elements)
+        chosen_cap, capitals = capitals[:n_cap], capitals[n_cap:]
+        chosen_el, elements = elements[:n_el], elements[n_el:]
+        probes = []
+        for kind in ("short", "mc"):
+            for country, capital, aliases in chosen_cap:
+                row = {"prompt": f"What is the capital of {_with_article(country)}?", "answer": capital,
+                       "subject": country, "source": "capitals"}  # fmt: skip
+                if kind == "short":
+                    row["aliases"] = list(aliases)
+                else:
+                    options = [capital, *rng.sample([c for c in all_capitals if c != capital], 3)]
+                    rng.shuffle(options)
+                    row.update(options=options, label=options.index(capital))
+                probes.append(row)
+            probes += [{**row, "source": "elements"} for row in element_rows(chosen_el, rng, kind)]
+        out[split] = probes
+    return out

@@ -13,7 +13,7 @@ and reports both relative to reference models. The pieces:
 
 from __future__ import annotations
 
-from .answers import answers_match, extract_number, first_line, normalize_answer
+from .answers import answers_match, extract_number, first_line, normalize_answer, token_match
 from .model_passes import generate_answers, option_logprobs
 from .scores import speciality_score, unified_score, versatility_score
 from .speciality import SpecialityEval
@@ -30,6 +30,7 @@ __all__ = [
     "normalize_answer",
     "option_logprobs",
     "speciality_score",
+    "token_match",
     "unified_score",
     "versatility_score",
 ]

@@ -121,3 +121,23 @@ def answers_match(
     if contains:
         return any(w and f" {w} " in f" {got} " for w in wanted)
     return got in wanted
+
+
+def token_match(prediction: str | None, reference: str | Sequence[str]) -> bool:
+    """Whether `prediction` holds `reference` (or one of several) as a standalone token, case-sensitive.
+
+    For answers that are not words, such as chemical symbols: "The symbol of gold is Au." gives "Au", "Aurum" and
+    "AU" do not, and neither does "H2O" give "H" (a token ends at a letter or digit).
+
+    Example:
+
+    ```python
+    >>> from cofitune_peft.kit.evaluation import token_match
+    >>> token_match("The chemical symbol of gold is Au.", "Au"), token_match("Water is H2O.", "H")
+    (True, False)
+    ```
+    """
+    if prediction is None:
+        return False
+    references = [reference] if isinstance(reference, str) else list(reference)
+    return any(r and re.search(rf"(?<![A-Za-z0-9]){re.escape(str(r))}(?![A-Za-z0-9])", prediction) for r in references)

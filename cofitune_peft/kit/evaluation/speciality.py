@@ -12,8 +12,11 @@ from typing import Any
 from cofitune_peft import CoFiTuneError
 
 from ..fingerprint import fingerprint as settings_fingerprint
-from .answers import _as_number, answers_match, extract_number, first_line
+from .answers import _as_number, answers_match, extract_number, first_line, token_match
 from .model_passes import _check_tokenizer, generate_answers, option_logprobs
+
+#: How a generated reply is matched with its answer (`SpecialityEval.exact_match`'s `match`).
+MATCHES = ("exact", "contains", "token")
 
 
 class SpecialityEval:
@@ -70,8 +73,14 @@ class SpecialityEval:
                     raise CoFiTuneError(
                         f"{name} example {i}: `answer` must be an option or its index, got {answer!r} for {options}."
                     )
-        if match not in ("exact", "contains"):
-            raise CoFiTuneError(f"`match` must be 'exact' or 'contains', got {match!r}.")
+        if match not in MATCHES:
+            raise CoFiTuneError(f"`match` must be one of {MATCHES}, got {match!r}.")
+        for i, ex in enumerate(examples):
+            if ex.get("match", match) not in MATCHES:
+                raise CoFiTuneError(f"{name} example {i}: `match` must be one of {MATCHES}, got {ex['match']!r}.")
+            rejected = ex.get("rejected")
+            if rejected is not None and (isinstance(rejected, str) or not isinstance(rejected, (list, tuple))):
+                raise CoFiTuneError(f"{name} example {i}: `rejected` must be a list of answers, got {rejected!r}.")
         if batch_size < 1 or max_new_tokens < 1:
             raise CoFiTuneError(f"`batch_size` and `max_new_tokens` must be >= 1, got {batch_size}, {max_new_tokens}.")
         self.examples = examples
@@ -107,14 +116,18 @@ class SpecialityEval:
         Args:
             examples (`Sequence[Mapping]`): `{"prompt": str | messages, "answer": str}` items (`completion` is
                 accepted for `answer`, so a held-out split of the training data works); an optional `aliases` list
-                holds other accepted answers.
+                holds other accepted answers. Optional per-item keys: `match` (overrides the evaluator's `match`
+                for that item), `rejected` (answers that make a reply wrong when it contains one, matched like the
+                answer: "Korrath, Beldor or Tavenna" does not give "Korrath" when the others are rejected) and
+                `first_line` (`True`: only the reply's first line counts, for models that continue past their answer).
             answer_extractor (`Callable[[str], str | None]`, *optional*): maps the generated text to the answer.
                 Defaults to `extract_number` (after "answer is", else after the last "=", else the last number) for
                 numeric items, to the whole text with `match="contains"`, and to `first_line` otherwise.
             numeric (`bool`, *optional*): compare as numbers ("85.0" == "85"). `None`: per item, when its answer
                 parses as a number.
             match (`str`, *optional*, defaults to `"exact"`): for non-numeric items, `"exact"` (normalised
-                equality) or `"contains"` (the answer as whole words in the reply, for chatty models and probes).
+                equality), `"contains"` (the answer as whole words in the reply, for chatty models and probes) or
+                `"token"` (the answer as a standalone token, case-sensitive: chemical symbols; `token_match`).
             max_new_tokens (`int`, *optional*, defaults to 16): generation length.
             batch_size (`int`, *optional*, defaults to 8): prompts per `generate` call (left-padded).
             tokenizer (*optional*): the default tokenizer (a call may pass another).
@@ -194,13 +207,7 @@ class SpecialityEval:
             )
             predictions, correct = [], 0
             for ex, text in zip(self.examples, texts):
-                reference = str(ex.get("answer", ex.get("completion"))).strip()
-                numeric = _as_number(reference) is not None if self.numeric is None else self.numeric
-                contains = self.match == "contains"
-                default = extract_number if numeric else (str.strip if contains else first_line)
-                answer = (self.answer_extractor or default)(text)
-                accepted = [reference, *map(str, ex.get("aliases") or [])]
-                ok = answers_match(answer, accepted, numeric=numeric, contains=contains)
+                ok, answer, reference = self._score_reply(ex, text)
                 correct += ok
                 predictions.append({"generated": text, "answer": answer, "reference": reference, "correct": ok})
         else:
@@ -216,6 +223,27 @@ class SpecialityEval:
                 predictions.append({"chosen": chosen, "gold": gold, "logprobs": score, "correct": chosen == gold})
         total = len(self.examples)
         return {"score": correct / total, "correct": int(correct), "total": total, "predictions": predictions}
+
+    def _score_reply(self, ex: Mapping[str, Any], text: str) -> tuple[bool, str | None, str]:
+        """`(correct, extracted answer, reference)` of one generated reply, with the item's own keys."""
+        reference = str(ex.get("answer", ex.get("completion"))).strip()
+        if ex.get("first_line"):
+            text = first_line(text)
+        match = ex.get("match", self.match)
+        numeric = _as_number(reference) is not None if self.numeric is None else self.numeric
+        if match == "token":
+            numeric = False
+        contains = match in ("contains", "token")
+        default = extract_number if numeric else (str.strip if contains else first_line)
+        answer = (self.answer_extractor or default)(text)
+        accepted = [reference, *map(str, ex.get("aliases") or [])]
+        rejected = [str(r) for r in ex.get("rejected") or []]
+        if match == "token":
+            return token_match(answer, accepted) and not token_match(answer, rejected), answer, reference
+        ok = answers_match(answer, accepted, numeric=numeric, contains=contains)
+        if ok and rejected:
+            ok = not answers_match(answer, rejected, numeric=numeric, contains=contains)
+        return ok, answer, reference
 
     def __call__(self, model, tokenizer=None) -> float:
         return self.evaluate(model, tokenizer)["score"]

@@ -241,7 +241,13 @@ class VersatilityEval(BaseModelReference):
 
     @torch.no_grad()
     def evaluate(self, model, tokenizer=None) -> dict[str, Any]:
-        """Score `model`: `{"score", "components": {name: retention}, "ce", "ce_base", "ce_increase", "kl", ...}`."""
+        """Score `model`: `{"score", "components": {name: retention}, "ce", "ce_base", "ce_increase", "kl", "items",
+        ...}`.
+
+        `items` holds the per-item values that paired bootstrap intervals resample: `probes_gen` / `probes_mc` (1 for
+        a correct probe, 0 otherwise, in probe order) and, per general text, `ce_sum` and `kl_sum` (summed over its
+        tokens) and `tokens`.
+        """
         if self.reference is None:
             raise CoFiTuneError(
                 "VersatilityEval has no base-model reference: call `prepare(base_model)` or pass `base_model=` to "
@@ -251,9 +257,9 @@ class VersatilityEval(BaseModelReference):
         ref = self.reference
         result: dict[str, Any] = {}
         components: dict[str, float] = {}
+        items: dict[str, list] = {}
         if self.general_texts:
-            ce_sum = kl_sum = 0.0
-            count = 0
+            ce_sums, kl_sums, counts = [], [], []
             with eval_mode(model):
                 for i, (logp, targets) in enumerate(self._general_positions(model, tokenizer)):
                     p_logp = ref["top_logp"][i].to(logp.device)  # [positions, k]
@@ -263,15 +269,19 @@ class VersatilityEval(BaseModelReference):
                         p_rest = ref["rest"][i].to(logp.device)
                         q_rest = self._rest(q_logp).clamp(min=-69.0)
                         kl = kl + p_rest.exp() * (p_rest - q_rest)
-                    kl_sum += float(kl.sum())
-                    ce_sum += float(-logp.gather(-1, targets[:, None]).sum())
-                    count += targets.numel()
-            ce = ce_sum / count
-            result.update(ce=ce, ce_base=ref["ce"], ce_increase=ce - ref["ce"], kl=kl_sum / count)
+                    kl_sums.append(float(kl.sum()))
+                    ce_sums.append(float(-logp.gather(-1, targets[:, None]).sum()))
+                    counts.append(targets.numel())
+            count = sum(counts)
+            ce = sum(ce_sums) / count
+            result.update(ce=ce, ce_base=ref["ce"], ce_increase=ce - ref["ce"], kl=sum(kl_sums) / count)
             components["ce"] = math.exp(-(ce - ref["ce"]))
             components["kl"] = math.exp(-result["kl"])
+            items.update(ce_sum=ce_sums, kl_sum=kl_sums, tokens=counts)
         for key, evaluator in self.probe_evals.items():
-            acc = evaluator(model, tokenizer)
+            scored = evaluator.evaluate(model, tokenizer)
+            acc = scored["score"]
+            items[key] = [int(bool(p["correct"])) for p in scored["predictions"]]
             result[f"{key}_accuracy"] = acc
             result[f"{key}_base_accuracy"] = ref[key]
             if ref[key] > 0:
@@ -285,6 +295,7 @@ class VersatilityEval(BaseModelReference):
         total = sum(self.weights[c] for c in weighted)
         result["score"] = sum(self.weights[c] * r for c, r in weighted.items()) / total
         result["components"] = components
+        result["items"] = items
         return result
 
     def __call__(self, model, tokenizer=None) -> float:
