@@ -1,4 +1,4 @@
-"""A regime that forgets: at which budget does fine-tuning SmolLM2 on number-only arithmetic cost versatility?
+"""A regime that forgets: at which budget does fine-tuning SmolLM2 on a speciality task cost versatility?
 
 At the demo's budget (60 steps of batch 8) no method loses measurable versatility. This script trains, on the
 arithmetic task in number-only answer format (`arithmetic_task(completion_style="answer")`: "What is 47 + 38?" ->
@@ -12,11 +12,16 @@ measures for the base model and every run:
 - likelihood-scored 4-way multiple-choice accuracy on the same countries' capitals;
 - KL(base || tuned) per token and the cross-entropy increase on held-out general prose (`VersatilityEval`).
 
+With `--task knowledge` (or `words`) the speciality is the comparison's task of that name
+(`cofitune_peft.kit.compare.tasks.task_data`: for knowledge, facts about made-up people asked on held-out
+paraphrases, `--n-test` questions about distinct facts, every fact taught) and `--probes mixed` takes the comparison's
+probes (capitals and chemical symbols, `probe_splits`) instead of capitals alone.
+
 The forgetting criterion: a run *forgets* when its generated-probe accuracy is at least `--criterion` (default 20%)
 lower than the base model's, relatively: `1 - acc_run / acc_base >= 0.2`.
 
-    OMP_NUM_THREADS=2 python benchmarks/calibrate_forgetting.py [--steps 150] [--batch 8] \
-        [--lrs full_ft 3e-5 1e-4] [--lrs cofitune 3e-4 1e-3] [--threads 2] [--out PATH]
+    OMP_NUM_THREADS=2 python benchmarks/calibrate_forgetting.py [--task arithmetic] [--steps 150] [--batch 8] \
+        [--lrs full_ft 3e-5 1e-4] [--lrs cofitune 3e-4 1e-3] [--probes capitals] [--threads 2] [--out PATH]
 
 Runs go in order of decreasing learning rate within each method, the methods interleaved (full FT at its highest
 rate, CoFiTune at its highest, then the next rates), and the JSON is rewritten after each run, so an interrupted
@@ -48,6 +53,8 @@ _BARE_NUMBER = re.compile(r"\s*[-+]?\d[\d,]*(\.\d+)?\s*\.?\s*")
 class Settings:
     """Sizes and budgets of one calibration."""
 
+    task: str = "arithmetic"
+    probes: str = "capitals"  # or "mixed": capitals and chemical symbols (`probe_splits`)
     steps: int = 150
     batch: int = 8
     lrs: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_LRS.items()})
@@ -69,30 +76,39 @@ class Evals:
 
     train: Any
     tokenizer: Any
-    arithmetic: Any  # SpecialityEval, exact match on numbers
+    arithmetic: Any  # SpecialityEval of the task (exact match on numbers for arithmetic)
     probes_gen: Any  # SpecialityEval, generated short answers ("contains" match)
     versatility: Any  # VersatilityEval: multiple-choice probes, CE and KL on general prose
 
 
 def build_evals(base, tokenizer, settings: Settings, progress: bool = True) -> Evals:
-    """The number-only arithmetic data, the probes and the general prose, as evaluators (base reference computed)."""
-    from cofitune_peft.kit.data import arithmetic_task, capital_probes, general_texts
+    """The task's data, the probes and the general prose, as evaluators (base reference computed)."""
+    from cofitune_peft.kit.compare.tasks import task_data
+    from cofitune_peft.kit.data import arithmetic_task, capital_probes, general_texts, probe_splits
     from cofitune_peft.kit.evaluation import SpecialityEval, VersatilityEval, extract_number
 
-    train, test = arithmetic_task(
-        n_train=settings.n_train, n_test=settings.n_test, seed=settings.seed, completion_style="answer"
-    )
-    short = [dict(r) for r in capital_probes(settings.n_probes, seed=settings.seed, kind="short")]
-    mc = [dict(r) for r in capital_probes(settings.n_probes, seed=settings.seed, kind="mc")]
+    if settings.task == "arithmetic":
+        train, test = arithmetic_task(
+            n_train=settings.n_train, n_test=settings.n_test, seed=settings.seed, completion_style="answer"
+        )
+        scoring = {"answer_extractor": extract_number, "numeric": True}
+    else:
+        train, test, scoring = task_data(settings.task, settings.n_train, settings.n_test)
+    if settings.probes == "mixed":
+        probes = probe_splits({"test": settings.n_probes}, seed=settings.seed)["test"]
+        short = [p for p in probes if "options" not in p]
+        mc = [p for p in probes if "options" in p]
+    else:
+        short = [dict(r) for r in capital_probes(settings.n_probes, seed=settings.seed, kind="short")]
+        mc = [dict(r) for r in capital_probes(settings.n_probes, seed=settings.seed, kind="mc")]
     general = general_texts(n=settings.n_general, split="eval", seed=settings.seed)["text"]
     common = {"tokenizer": tokenizer, "progress": progress}
     arithmetic = SpecialityEval.exact_match(
         [dict(r) for r in test],
-        answer_extractor=extract_number,
-        numeric=True,
         max_new_tokens=settings.arithmetic_new_tokens,
         batch_size=16,
-        name="arithmetic",
+        name=settings.task,
+        **scoring,
         **common,
     )
     probes_gen = SpecialityEval.exact_match(
@@ -119,7 +135,7 @@ def evaluate(model, evals: Evals, n_samples: int = 6) -> dict[str, Any]:
     vers = evals.versatility.evaluate(model)
     replies = [p["generated"] for p in gen["predictions"]]
     return {
-        "arithmetic_accuracy": arithmetic["score"],
+        "arithmetic_accuracy": arithmetic["score"],  # the task's accuracy (the key predates the other tasks)
         "probe_gen_accuracy": gen["score"],
         "probe_gen_bare_number_fraction": sum(map(is_bare_number, replies)) / len(replies),
         "probe_mc_accuracy": vers.get("probes_mc_accuracy", float("nan")),
@@ -220,7 +236,7 @@ def to_markdown(base: dict[str, Any], runs: list[dict[str, Any]], criterion: flo
     header = [
         "run",
         "lr",
-        "arithmetic acc.",
+        "speciality acc.",
         "probes gen.",
         "gen. drop vs base",
         f"forgets (drop >= {criterion:.0%})",
@@ -338,6 +354,8 @@ def parse_lrs(groups: list[list[str]] | None) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="arithmetic", choices=("arithmetic", "words", "knowledge"))
+    parser.add_argument("--probes", default="capitals", choices=("capitals", "mixed"))
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
@@ -348,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         help="METHOD LR [LR ...], repeatable; METHOD in full_ft, cofitune (defaults: full_ft 3e-5 1e-4, cofitune "
         "3e-4 1e-3); a method with no rate is skipped",
     )
-    parser.add_argument("--n-test", type=int, default=100, help="held-out arithmetic questions")
-    parser.add_argument("--n-probes", type=int, default=40, help="capital probes of each kind")
+    parser.add_argument("--n-test", type=int, default=100, help="held-out speciality questions")
+    parser.add_argument("--n-probes", type=int, default=40, help="probes of each kind")
     parser.add_argument("--n-general", type=int, default=24, help="general-prose passages for CE and KL")
     parser.add_argument("--probe-new-tokens", type=int, default=16)
     parser.add_argument("--criterion", type=float, default=0.2, help="relative drop of generated-probe accuracy")
@@ -372,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     settings = Settings(
+        task=args.task,
+        probes=args.probes,
         steps=args.steps,
         batch=args.batch,
         lrs=parse_lrs(args.lrs),
