@@ -89,7 +89,8 @@ def test_all_methods_end_to_end_resume_and_settings_mismatch(tmp_path, monkeypat
     grids = {name: (1e-3, 1e-2) for name, m in METHODS.items() if m.trains}
     derived = [m for m in METHODS.values() if m.derived_from is not None]
     grids.update({m.name: (0.5, 1.0) for m in derived})
-    settings = MethodSettings(general_texts=GENERAL, lora_rank=2, corda_samples=4)
+    replay = [{"prompt": "Say hello.", "completion": "Hello!"}, {"prompt": "Name a colour.", "completion": "Blue."}]
+    settings = MethodSettings(general_texts=GENERAL, lora_rank=2, corda_samples=4, replay_examples=replay)
     importance_kwargs = {"num_samples": 4, "batch_size": 2}
     kwargs = {"tokenizer": tok, "validation": val, "test": test, "output_dir": str(tmp_path), "learning_rates": grids,
                   "methods": list(METHODS), "settings": settings, "importance_kwargs": importance_kwargs}  # fmt: skip

@@ -21,7 +21,7 @@ from cofitune_peft import CoFiTuneError
 from .._cli_common import read_jsonl, read_text_chunks
 from .methods import DEFAULT_LEARNING_RATES, METHODS, MethodSettings, resolve_methods
 from .runner import DEFAULT_METHODS, EvalSplit, compare_methods
-from .tasks import TASKS, model_loader, task_splits
+from .tasks import TASKS, model_loader, task_replay, task_splits
 
 #: `--preset full`: the sizes of the committed comparison (docs/results.md), where a flag does not set them: 40 steps of
 #: batch 8 (the grids' top learning rates forget: full fine-tuning's generated probes fall), eval splits of 40
@@ -30,8 +30,9 @@ FULL_DEFAULTS = {
     "steps": 40,
     "batch_size": 8,
     "max_length": 128,
-    "n_eval": 40,
-    "n_general": 12,
+    "n_eval": 80,
+    "n_test": 120,
+    "n_general": 24,
     "seeds": "1,2",
     "seed_methods": "full,lora,cofitune,cofitune_mask,cofitune_mask_mean1,cofitune_alpha,wiseft",
 }
@@ -59,7 +60,12 @@ FULL_METHODS = (
 )  # fmt: skip
 
 #: Defaults of the options `--preset full` sets otherwise.
-PLAIN_DEFAULTS = {"batch_size": 8, "max_length": 256, "n_eval": 100, "n_general": 24, "seeds": "", "seed_methods": ""}
+PLAIN_DEFAULTS = {
+    "batch_size": 8, "max_length": 256, "n_eval": 100, "n_test": None, "n_general": 24, "seeds": "", "seed_methods": "",
+}  # fmt: skip
+
+#: `--preset full`: per-task sizes that differ from `FULL_DEFAULTS` (where no flag sets them).
+FULL_TASK_DEFAULTS: dict[str, dict] = {"knowledge": {"steps": 60, "batch_size": 16}}
 
 
 def parse_grids(values: list[str] | None) -> dict[str, list[float]]:
@@ -103,13 +109,21 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="default 8")
     parser.add_argument("--max-length", type=int, help="default 256 (`--preset full`: 128)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="generation length of exact-match evals")
-    parser.add_argument("--n-eval", type=int, help="preset: questions (and probes) per eval split (default 100)")
+    parser.add_argument("--n-eval", type=int, help="preset: validation questions (and probes of each kind)")
+    parser.add_argument(
+        "--n-test", type=int, help="preset: test questions (and probes of each kind); default --n-eval"
+    )
     parser.add_argument("--n-general", type=int, help="preset: general texts per eval split (default 24)")
     parser.add_argument("--layers", help="CoFiTune window 'a:b' (0-based, b exclusive); default (N//4, N//2)")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of LoRA and CorDA")
     parser.add_argument("--l1", type=float, default=1e-5, help="strength of the L1-to-base penalty")
     parser.add_argument("--l2", type=float, default=1.0, help="strength of the L2-to-base penalty")
     parser.add_argument("--importance-samples", type=int, default=64, help="general texts for importance")
+    parser.add_argument("--pull-strength", type=float, default=300.0, help="decay of cofitune_pull per unit lr and I")
+    parser.add_argument(
+        "--restraint-rate", type=float, default=0.2, help="cofitune_restrained's rate outside the window"
+    )
+    parser.add_argument("--replay-examples", type=int, default=128, help="general instructions the replay pool asks")
     parser.add_argument("--weight", type=float, default=0.5, help="weight of Spec. in Uni.")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the cached runs")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -121,6 +135,7 @@ def _preset(task: str, args, tokenizer):
         tokenizer,
         n_train=max(2000, args.steps * args.batch_size),
         n_eval=args.n_eval,
+        n_test=args.n_test,
         n_general=args.n_general,
         importance_samples=args.importance_samples,
         max_new_tokens=args.max_new_tokens,
@@ -165,6 +180,7 @@ def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise CoFiTuneError(f"`--task` selects a task of `--preset full`; got `--task {args.task}` without it.")
     defaults = FULL_DEFAULTS if full else PLAIN_DEFAULTS
     values = vars(args)
+    args.given = {k for k in ("steps", *PLAIN_DEFAULTS) if values.get(k) is not None}
     preset_seed_methods = values.get("seed_methods") is None
     for key in ("steps", *PLAIN_DEFAULTS):
         if values.get(key) is None:
@@ -180,6 +196,17 @@ def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if preset_seed_methods:  # the preset's headline methods that this run compares
         args.seed_methods = ",".join(m for m in _names(args.seed_methods) if m in compared)
     return args
+
+
+def _task_defaults(task: str, args: argparse.Namespace) -> argparse.Namespace:
+    """`args` for one task of `--preset full`: `FULL_TASK_DEFAULTS[task]` where no flag set the value."""
+    if args.preset != "full":
+        return args
+    out = argparse.Namespace(**vars(args))
+    for key, value in FULL_TASK_DEFAULTS.get(task, {}).items():
+        if key not in getattr(args, "given", set()):
+            setattr(out, key, value)
+    return out
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -202,22 +229,32 @@ def compare_command(args: argparse.Namespace) -> int:
             layers = tuple(int(x) for x in args.layers.split(":"))
         except ValueError:
             raise CoFiTuneError(f"`--layers` takes 'a:b' (0-based, b exclusive), got {args.layers!r}.") from None
-    seeds = _ints(args.seeds, "--seeds")
     loader, tokenizer = model_loader(args.model)
     if args.preset == "full":
         jobs = [(task, os.path.join(args.output_dir, task)) for task in ((args.task,) if args.task else TASKS)]
     else:
         jobs = [(args.preset, args.output_dir)]
+    base_args = args
     for task, output_dir in jobs:
+        args = _task_defaults(task, base_args) if task else base_args
         if task:
             train, splits, general = _preset(task, args, tokenizer)
         else:
             train, splits, general = _from_files(args, tokenizer)
+        if any(METHODS[m].train_data is not None for m in _names(args.methods) if m in METHODS):
+            os.makedirs(output_dir, exist_ok=True)
+            replay = task_replay(loader, tokenizer, splits, os.path.join(output_dir, "replay.json"),
+                                 n=args.replay_examples, progress=not args.no_progress)  # fmt: skip
+        else:
+            replay = ()
         settings = MethodSettings(
             general_texts=general,
             layers=layers,
             lora_rank=args.lora_rank,
             penalty_strengths={"l1": args.l1, "l2": args.l2},
+            replay_examples=replay,
+            pull_strength=args.pull_strength,
+            restraint_rate=args.restraint_rate,
         )
         result = compare_methods(
             loader,
@@ -233,7 +270,7 @@ def compare_command(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_length=args.max_length,
             seed=args.seed,
-            seeds=seeds,
+            seeds=_ints(args.seeds, "--seeds"),
             seed_methods=_names(args.seed_methods) or None,
             importance_kwargs={"num_samples": args.importance_samples},
             weight=args.weight,

@@ -27,6 +27,7 @@ from torch import nn
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
 
 from ..fingerprint import fingerprint
+from .penalties import PenaltyToBase
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class MethodSettings:
             importance of their own (`MaskedCoFiTune` with an `importance_spec`); their spec overrides these. Arguments
             missing here are taken from the shared `importance`'s metadata where it records them (`num_samples`,
             `dropout`, `accumulate`, `seed`), else `estimate_importance`'s defaults.
+        replay_examples (`Sequence[dict]`): the general examples replay methods mix into the training data
+            (`ReplayMix`; the comparison's are `task_replay`'s).
+        pull_strength (`float`, *optional*, defaults to 300): the decoupled decay of `cofitune_pull`: after each
+            optimizer step every delta row shrinks by `lr * pull_strength * I` (`ImportancePull`).
+        restraint_rate (`float`, *optional*, defaults to 0.2): the step of `cofitune_restrained` outside the window,
+            relative to the window's: `restraint_rate * (1 - I)` (`restrained_importance`).
     """
 
     tokenizer: Any = None
@@ -71,6 +78,9 @@ class MethodSettings:
     cache_dir: str | None = None
     importance: Any = None
     importance_kwargs: dict[str, Any] = field(default_factory=dict)
+    replay_examples: Sequence[Mapping[str, Any]] = ()
+    pull_strength: float = 300.0
+    restraint_rate: float = 0.2
 
     def describe(self) -> dict[str, Any]:
         """The settings that change what builders build (for the comparison's cache key)."""
@@ -83,6 +93,9 @@ class MethodSettings:
             "corda_samples": self.corda_samples,
             "max_length": self.max_length,
             "micro_batches": self.micro_batches,
+            "replay_examples": fingerprint([dict(x) for x in self.replay_examples]) if self.replay_examples else None,
+            "pull_strength": self.pull_strength,
+            "restraint_rate": self.restraint_rate,
         }
 
 
@@ -109,6 +122,8 @@ class Method:
             each value in turn.
         max_value (`float`, *optional*): the largest post-hoc value that means something (`wiseft`: 1, an
             interpolation); values lie in `[0, max_value]`.
+        train_data (`Callable[[Sequence[dict], MethodSettings], list[dict]]`, *optional*): the training data this
+            method trains on, from the comparison's (`ReplayMix`: mixed with replay examples); `None`: the same.
     """
 
     name: str
@@ -120,6 +135,7 @@ class Method:
     derived_from: str | None = None
     derive: Callable[[nn.Module, Mapping[str, torch.Tensor], float], nn.Module] | None = None
     max_value: float = math.inf
+    train_data: Callable[[Sequence[Mapping[str, Any]], MethodSettings], list[dict]] | None = None
 
     @property
     def trains(self) -> bool:
@@ -277,80 +293,6 @@ class MaskedCoFiTune:
         if self.top_fraction is not None:
             importance = importance.top_fraction(self.top_fraction)
         return _cofitune(model, settings, importance=importance, **{"softmask_mode": "update", **self.config})
-
-
-class _InjectGradient(torch.autograd.Function):
-    """Identity on `logits`; in backward, `penalty` receives gradient `scale`, so its parameters get `scale * dR/dW`."""
-
-    @staticmethod
-    def forward(ctx, logits, penalty, scale):
-        ctx.scale = scale
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, grad.new_full((), ctx.scale), None
-
-
-class PenaltyToBase(nn.Module):
-    """Full fine-tuning with an L1 or L2 penalty toward the base weights, as a wrapper around the model's forward.
-
-    `train_sft` computes its loss from `logits` and has no hook for extra loss terms, so the penalty enters through
-    the logits: they pass unchanged, and the backward pass adds `d(penalty)/dW` to every weight's gradient, exactly as
-    if `penalty` had been added to the loss (spread over `micro_batches` micro-batches, once per optimizer step). With
-    `target="loss"` the penalty is added to the returned `loss` instead, for trainers that use it (HF `Trainer`).
-
-    Args:
-        model (`nn.Module`): the model; its current weights are the anchor `W0`.
-        kind (`str`): `"l1"` (`strength * sum |W - W0|`) or `"l2"` (`strength / 2 * sum (W - W0)^2`).
-        strength (`float`): the penalty's weight.
-        micro_batches (`int`, *optional*, defaults to 1): forward passes per optimizer step.
-        target (`str`, *optional*, defaults to `"logits"`): `"logits"` or `"loss"`.
-    """
-
-    def __init__(self, model: nn.Module, kind: str, strength: float, micro_batches: int = 1, target: str = "logits"):
-        super().__init__()
-        problems = []
-        if kind not in ("l1", "l2"):
-            problems.append(f"`kind` must be 'l1' or 'l2', got {kind!r}.")
-        if not strength >= 0:
-            problems.append(f"`strength` must be >= 0, got {strength!r}.")
-        if target not in ("logits", "loss"):
-            problems.append(f"`target` must be 'logits' or 'loss', got {target!r}.")
-        if not isinstance(micro_batches, int) or micro_batches < 1:
-            problems.append(f"`micro_batches` must be a positive int, got {micro_batches!r}.")
-        if problems:
-            raise CoFiTuneError("Invalid PenaltyToBase arguments:\n  - " + "\n  - ".join(problems))
-        self.model = build_full(model, MethodSettings())
-        self.kind, self.strength, self.micro_batches, self.target = kind, float(strength), micro_batches, target
-        # Plain tensors, not buffers: the anchor is neither trained nor saved with the model.
-        self._anchor = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.last_penalty = 0.0
-
-    def penalty(self) -> torch.Tensor:
-        terms = []
-        for name, p in self.model.named_parameters():
-            delta = p - self._anchor[name].to(p.device, p.dtype)
-            terms.append(delta.abs().sum() if self.kind == "l1" else 0.5 * delta.pow(2).sum())
-        return self.strength * torch.stack(terms).sum()
-
-    def forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        if not (self.training and torch.is_grad_enabled() and self.strength > 0):
-            return out
-        penalty = self.penalty()
-        self.last_penalty = float(penalty.detach())
-        if self.target == "loss":
-            if getattr(out, "loss", None) is None:
-                raise CoFiTuneError("`target='loss'` needs a model output with `loss` (pass `labels`).")
-            out.loss = out.loss + penalty / self.micro_batches
-        else:
-            out.logits = _InjectGradient.apply(out.logits, penalty, 1.0 / self.micro_batches)
-        return out
-
-    def unwrap(self) -> nn.Module:
-        """The trained model itself (for evaluation and saving)."""
-        return self.model
 
 
 def build_l1(model: nn.Module, settings: MethodSettings) -> nn.Module:
@@ -541,6 +483,7 @@ for _m in (
     Method("osf", build_osf, _FULL_LRS, "OSF (half the spectrum)"),
 ):
     register_method(_m)
+
 
 # The default grid of every method (learning rates; a derived method: its post-hoc values over its parent's runs).
 DEFAULT_LEARNING_RATES: dict[str, tuple[float, ...]] = {name: m.learning_rates for name, m in METHODS.items()}

@@ -17,6 +17,7 @@ from typing import Any
 from cofitune_peft import CoFiTuneError
 
 from ..evaluation import speciality_score, unified_score
+from .intervals import call_difference, interval, resample
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,9 @@ class ComparisonResult:
 
         rows = [row(r) for r in main if r["method"] in self._methods]
         self.frontier = rows
+        self._records = {r["key"]: r for r in main if r.get("key") and r["method"] in self._methods}
+        self._base_key, self._reference_key = base.get("key"), reference.get("key")
+        self._draws: dict[str, dict] = {}
         # Selection sees the validation half only.
         validation_only = [
             {**r["validation"], **{k: r[k] for k in ("method", "learning_rate", "alpha")}} for r in rows
@@ -195,6 +199,68 @@ class ComparisonResult:
             }
         return out
 
+    # -- noise: paired bootstrap intervals over items, seed spreads, one item's worth
+
+    def draws(self, split: str = "test") -> dict[str, dict[str, Any]]:
+        """Every main-seed run's Spec., Vers. and Uni. over paired bootstrap draws of `split`'s items, by run key
+        (`intervals.resample`; empty when the runs kept no per-item values)."""
+        if split not in self._draws:
+            self._draws[split] = resample(
+                self._records, self._base_key, self._reference_key, split, weight=self.weight, seed=self.seed
+            )
+        return self._draws[split]
+
+    def interval(self, a: str, b: str, metric: str, split: str = "test") -> tuple[float, float] | None:
+        """The 95% paired bootstrap interval of `metric(a) - metric(b)` on `split`, for two runs given by their keys
+        (a row's `key`), or None when either has no per-item values."""
+        draws = self.draws(split)
+        if a not in draws or b not in draws:
+            return None
+        return interval(draws[a][metric], draws[b][metric])
+
+    def item_worth(self, metric: str, split: str = "test") -> float | None:
+        """How much `metric` moves when one item flips: one question for Spec., the probe kind that moves Vers. most
+        for Vers., the larger of the two weighted shares for Uni. (None when the runs kept no per-item values)."""
+        base, ref = self._records.get(self._base_key), self._records.get(self._reference_key)
+        items = ((base or {}).get(split) or {}).get("items") or {}
+        ref_items = ((ref or {}).get(split) or {}).get("items") or {}
+        if not items.get("speciality") or not ref_items.get("speciality"):
+            return None
+        n = len(items["speciality"])
+        gain = abs(sum(ref_items["speciality"]) - sum(items["speciality"])) / n
+        spec = 1.0 / (n * gain) if gain > 0 else math.inf
+        versatility = base[split]["versatility"]
+        weights, present = versatility.get("weights") or {}, versatility.get("components") or {}
+        total = sum(weights.get(c, 1.0) for c in present) or 1.0
+        vers = 0.0
+        for kind in ("probes_gen", "probes_mc"):
+            values = items.get(kind)
+            if kind in present and values and sum(values):
+                vers = max(vers, weights.get(kind, 1.0) / total / sum(values))  # 1 / (n * accuracy) = 1 / correct
+        worth = {"spec": spec, "vers": vers, "uni": max(self.weight * spec, (1.0 - self.weight) * vers)}
+        return worth.get(metric)
+
+    def difference(self, a: str, b: str, metric: str, split: str = "test") -> dict[str, Any]:
+        """Method `a`'s selected point against method `b`'s: the difference of the means over seeds, the seed spread
+        (sum of the standard deviations, None with one seed on either side), the paired bootstrap interval (main seed)
+        and the call (`intervals.call_difference`: "real", "noise" or "unmeasured")."""
+        ra, rb = self.selected[a], self.selected[b]
+        (ma, sa), (mb, sb) = ra["seeds"][metric], rb["seeds"][metric]
+        diff = ma - mb
+        one_seed = len(ra["seeds"]["seeds"]) < 2 or len(rb["seeds"]["seeds"]) < 2
+        spread = None if one_seed else sa + sb
+        bounds = self.interval(ra["key"], rb["key"], metric, split)
+        return {"diff": diff, "spread": spread, "interval": bounds, "call": call_difference(diff, spread, bounds)}
+
+    def differences(self, metrics: Sequence[str] = ("spec", "vers", "uni")) -> list[dict[str, Any]]:
+        """`difference` for every pair of selected methods (in registry order, base left out), test split."""
+        names = [m for m in self.selected if m != "base"]
+        return [
+            {"a": a, "b": b, **{k: self.difference(a, b, k) for k in metrics}}
+            for i, a in enumerate(names)
+            for b in names[i + 1 :]
+        ]
+
     def at_equal_speciality(self, levels: Sequence[float] = EQUAL_SPECIALITY_LEVELS) -> dict[str, dict[float, Any]]:
         """Per method and Spec. level `s`: the best test Vers. among the method's grid points whose test Spec. is at
         least `s` (`None` where none reaches it), with that point's gen.-probe retention.
@@ -229,6 +295,8 @@ class ComparisonResult:
             "at_equal_speciality": {
                 m: {f"{k:g}": v for k, v in d.items()} for m, d in self.at_equal_speciality().items()
             },
+            "item_worth": {k: self.item_worth(k) for k in ("spec", "vers", "uni")},
+            "differences": self.differences(),
         }
 
     def to_markdown(self) -> str:
@@ -283,10 +351,39 @@ class ComparisonResult:
                 continue
             shown = [f"{f(c['vers'])} ({f(c['gen'], 2)})" if c else "-" for c in cells.values()]
             lines.append(f"| {self.methods[name]['label']} | " + " | ".join(shown) + " |")
+        lines += self._differences_markdown()
         ref = self.reference
         lines += ["", f"Spec. is relative to full fine-tuning at lr {ref['learning_rate']:.0e} (best validation "
                   f"speciality); Uni. = {self.weight:g} Spec. + {1 - self.weight:g} Vers."]  # fmt: skip
         return "\n".join(lines)
+
+    def _differences_markdown(self) -> list[str]:
+        """CoFiTune's selected points against full fine-tuning, LoRA and the best replay baseline (validation Uni.)."""
+        replay = [m for m in self.selected if "replay" in m and self.methods[m]["family"] != "cofitune"]
+        best_replay = max(replay, key=lambda m: self.selected[m]["validation"]["uni"], default=None)
+        baselines = [m for m in ("full", "lora", best_replay) if m in self.selected]
+        ours = [m for m in self.selected if self.methods[m]["family"] == "cofitune"]
+        if not baselines or not ours:
+            return []
+        worth = self.item_worth("uni")
+        lines = ["", "Differences at the selected points (test; mean over seeds; seed spread = sum of the two standard "
+                 "deviations; 95% paired bootstrap interval over items, main seed; real = beyond both"
+                 + (f"; one item is worth {worth:.3f} Uni." if worth else "") + "):", "",
+                 "| CoFiTune method vs | Δ Spec. | Δ Vers. | Δ Uni. |", "|---|---|---|---|"]  # fmt: skip
+
+        def cell(d):
+            spread = "-" if d["spread"] is None else f"±{d['spread']:.3f}"
+            bounds = "-" if d["interval"] is None else f"[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]"
+            diff = "-" if not math.isfinite(d["diff"]) else f"{d['diff']:+.3f}"
+            return f"{diff} ({spread}, {bounds}: {d['call']})"
+
+        for a in ours:
+            for b in baselines:
+                cells = [cell(self.difference(a, b, k)) for k in ("spec", "vers", "uni")]
+                lines.append(
+                    f"| {self.methods[a]['label']} vs {self.methods[b]['label']} | " + " | ".join(cells) + " |"
+                )
+        return lines
 
     def plot(self, path: str) -> str:
         """Test Spec. (y) against test Vers. (x, capped) per method, one curve over its grid; selected points starred.

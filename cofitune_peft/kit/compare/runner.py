@@ -25,7 +25,7 @@ from cofitune_peft.utils import atomic_path, write_json_atomic
 
 from ..fingerprint import fingerprint
 from ..training import train_sft
-from .methods import Method, MethodSettings, PenaltyToBase, resolve_methods
+from .methods import Method, MethodSettings, TrainingWrapper, resolve_methods
 from .report import ComparisonResult
 
 logger = logging.getLogger(__name__)
@@ -105,12 +105,32 @@ def _evaluate(evaluator, model, tokenizer) -> tuple[float, dict]:
 
 
 def _score_split(split: EvalSplit, model, tokenizer) -> dict[str, Any]:
-    spec, _ = _evaluate(split.speciality, model, tokenizer)
+    """One split's scores, and the per-item values paired bootstrap intervals resample (`intervals`)."""
+    spec, spec_details = _evaluate(split.speciality, model, tokenizer)
     vers, details = _evaluate(split.versatility, model, tokenizer)
     versatility = {"score": vers, **{k: details[k] for k in ("components", "ce_increase", "kl") if k in details}}
     if "components" in details:
         versatility["weights"] = dict(getattr(split.versatility, "weights", {}) or {})
-    return {"speciality": spec, "versatility": versatility}
+    items = dict(details.get("items") or {})
+    if isinstance(spec_details.get("predictions"), list):
+        items["speciality"] = [int(bool(p.get("correct"))) for p in spec_details["predictions"]]
+    return {"speciality": spec, "versatility": versatility, "items": items}
+
+
+def split_sizes(split: EvalSplit) -> dict[str, int]:
+    """How many questions, generated and multiple-choice probes and general texts a split has (what can be counted)."""
+    sizes = {}
+    examples = getattr(split.speciality, "examples", None)
+    if examples is not None:
+        sizes["questions"] = len(examples)
+    probes = getattr(split.versatility, "probes", None)
+    if probes is not None:
+        sizes["probes_gen"] = sum("options" not in p for p in probes)
+        sizes["probes_mc"] = sum("options" in p for p in probes)
+    texts = getattr(split.versatility, "general_texts", None)
+    if texts is not None:
+        sizes["general_texts"] = len(texts)
+    return sizes
 
 
 def _run_key(method: str, lr: float | None, seed: int, alpha: float | None = None) -> str:
@@ -141,6 +161,7 @@ class _Comparison:
 
     def check_settings(self) -> str:
         payload = {
+            "split_sizes": {name: split_sizes(split) for name, split in self.splits.items()},
             "train": fingerprint(self.train),
             "train_kwargs": self.train_kwargs,
             "methods": self.settings.describe(),
@@ -257,16 +278,17 @@ class _Comparison:
             else {}
         )
         built = method.build(model, self.settings)
+        train_data = method.train_data(self.train, self.settings) if method.train_data is not None else self.train
         stats = train_sft(
             built,
-            self.train,
+            train_data,
             tokenizer=self.tokenizer,
             learning_rate=lr,
             seed=seed,
             progress=self.progress,
             **self.train_kwargs,
         )
-        trained = built.unwrap() if isinstance(built, PenaltyToBase) else built
+        trained = built.unwrap() if isinstance(built, TrainingWrapper) else built
         train = {k: stats[k] for k in ("seconds", "steps", "trainable_parameters", "final_loss", "mean_loss")}
         if own:
             if method.name in self.save_adapters and hasattr(trained, "peft_config"):
