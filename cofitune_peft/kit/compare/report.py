@@ -150,10 +150,11 @@ class ComparisonResult:
                 "seed": record["seed"],
             }
             for split in SPLITS:
-                out[split] = _scores(record, split, base, reference, weight)
+                if split in record:  # a seed's repeat is scored on test only
+                    out[split] = _scores(record, split, base, reference, weight)
             return out
 
-        rows = [row(r) for r in main if r["method"] in self._methods]
+        rows = [row(r) for r in main if r["method"] in self._methods and all(split in r for split in SPLITS)]
         self.frontier = rows
         self._records = {r["key"]: r for r in main if r.get("key") and r["method"] in self._methods}
         self._base_key, self._reference_key = base.get("key"), reference.get("key")

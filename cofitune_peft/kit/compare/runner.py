@@ -25,7 +25,8 @@ from cofitune_peft.utils import atomic_path, write_json_atomic
 
 from ..fingerprint import fingerprint
 from ..training import train_sft
-from .methods import Method, MethodSettings, TrainingWrapper, resolve_methods
+from .methods import Method, MethodSettings, resolve_methods
+from .penalties import TrainingWrapper
 from .report import ComparisonResult
 
 logger = logging.getLogger(__name__)
@@ -266,9 +267,11 @@ class _Comparison:
 
     # -- training jobs
 
-    def run_job(self, method: Method, lr: float, seed: int, derived: Sequence[tuple] = (), own: bool = True) -> None:
+    def run_job(
+        self, method: Method, lr: float, seed: int, derived: Sequence[tuple] = (), own: bool = True, splits=None
+    ) -> None:
         """Train `method` at `lr` with `seed` once; score it (if `own`) and its derived points `derived`, each a
-        `(derived method, value)` pair."""
+        `(derived method, value)` pair, on `splits` (default: all)."""
         torch.manual_seed(seed)
         model = self.load_base()
         # The build may change the base in place (full fine-tuning): keep its weights for the derived points.
@@ -295,15 +298,16 @@ class _Comparison:
                 path = os.path.join(self.output_dir, "adapters", _run_key(method.name, lr, seed))
                 with atomic_path(path, directory=True) as tmp:
                     trained.save_pretrained(tmp)
-            self._score_and_save(trained, method.name, lr, seed, None, train)
+            self._score_and_save(trained, method.name, lr, seed, None, train, splits)
         for child, value in derived:
-            self._score_and_save(child.derive(trained, base_state, value), child.name, lr, seed, value, None)
+            self._score_and_save(child.derive(trained, base_state, value), child.name, lr, seed, value, None, splits)
 
-    def _score_and_save(self, model, method, lr, seed, alpha, train) -> None:
+    def _score_and_save(self, model, method, lr, seed, alpha, train, splits=None) -> None:
         started = time.perf_counter()
         record = {"key": _run_key(method, lr, seed, alpha), "method": method, "learning_rate": lr, "alpha": alpha}
         record.update(seed=seed, train=train)
-        record.update({name: _score_split(split, model, self.tokenizer) for name, split in self.splits.items()})
+        names = splits or tuple(self.splits)
+        record.update({name: _score_split(self.splits[name], model, self.tokenizer) for name in names})
         record["eval_seconds"] = time.perf_counter() - started
         self.save(record)
 
@@ -334,11 +338,11 @@ class _Comparison:
                     jobs.append((method, lr, seed, derived, own))
         return jobs
 
-    def run_jobs(self, jobs, desc: str) -> None:
+    def run_jobs(self, jobs, desc: str, splits=None) -> None:
         for method, lr, seed, derived, own in tqdm(jobs, desc=desc, disable=not self.progress):
             points = ", ".join(f"{child.name} {value:g}" for child, value in derived)
             logger.info("%s: %s lr=%g seed=%d%s", desc, method.name, lr, seed, f" + {points}" if points else "")
-            self.run_job(method, lr, seed, derived, own)
+            self.run_job(method, lr, seed, derived, own, splits)
 
 
 def compare_methods(
@@ -372,7 +376,7 @@ def compare_methods(
     `cofitune_alpha`) trains nothing: its values are scored on each run of its parent, right after it trains, as grid
     points of their own. Each method's point is the best validation Uni. (Vers. capped at 1); Spec. is relative to the full fine-tuning run with the best validation
     speciality. Nothing about the test split enters either choice. Then the selected points run again with each of
-    `seeds`, for a mean and spread.
+    `seeds`, for a mean and spread (scored on the test split only: their validation scores would choose nothing).
 
     Args:
         model_loader (`Callable[[], PreTrainedModel]`): returns a fresh base model each call (a `(model, tokenizer)`
@@ -461,7 +465,7 @@ def compare_methods(
                 continue
             chosen.setdefault(name, []).append((name, row["learning_rate"], row.get("alpha")))
         jobs = [job for s in seeds for job in run.grid_points(s, only=chosen)]
-        run.run_jobs(jobs, desc="seeds")
+        run.run_jobs(jobs, desc="seeds", splits=("test",))  # a repeat's validation scores would choose nothing
         result = ComparisonResult(run.records(), resolved, seed=seed, weight=weight)
     write_json_atomic(os.path.join(output_dir, "comparison.json"), result.to_dict())
     with open(os.path.join(output_dir, "comparison.md"), "w") as fh:

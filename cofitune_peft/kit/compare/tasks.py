@@ -98,10 +98,11 @@ def task_splits(
         texts = [t for t, d in zip(docs["text"], docs["document"]) if (d in val_docs) == in_val][:n_general]
         spec = SpecialityEval.exact_match(
             questions, max_new_tokens=max_new_tokens, tokenizer=tokenizer, progress=progress,
-            name=f"{name} {task}", **scoring,
+            name=f"{name} {task}", batch_size=16, **scoring,
         )  # fmt: skip
         vers = VersatilityEval.default(texts, [fmt(p) for p in probes[name]], tokenizer=tokenizer,
-                                       max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+                                       max_new_tokens=max_new_tokens, progress=progress,
+                                       generation_batch_size=16)  # fmt: skip
         splits[name] = EvalSplit(spec, vers)
     general = list(general_texts(n=importance_samples, split="importance")["text"])
     return [fmt(dict(x)) for x in train], splits, general

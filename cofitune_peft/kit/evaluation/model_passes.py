@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from cofitune_peft import CoFiTuneError
 from cofitune_peft.utils import device_of
 
-from ..training.encoding import IGNORE_INDEX, collate, has_chat_template, pad_id_of, render_prompt
+from ..training.encoding import collate, has_chat_template, pad_id_of, render_prompt
 
 
 def _prompt_ids(tokenizer, prompt, chat_template: bool | None) -> list[int]:
@@ -88,37 +88,55 @@ def option_logprobs(
 ) -> list[list[float]]:
     """Log-likelihood of each option as the continuation of its prompt (summed, or per token if `length_normalize`).
 
-    Without a chat template a space separates prompt and option unless either side already has one.
+    Without a chat template a space separates prompt and option unless either side already has one. Each prompt runs
+    through the model once; its options continue from the prompt's key/value cache (the prompt is most of the tokens,
+    so this costs a fraction of scoring every (prompt, option) pair whole). `batch_size` is kept for compatibility:
+    a prompt and its options form one pass.
     """
     use_template = has_chat_template(tokenizer) if chat_template is None else chat_template
     device, pad = device_of(model), pad_id_of(tokenizer)
-    pairs: list[tuple[list[int], list[int]]] = []
-    for prompt, opts in zip(prompts, options):
-        prompt_ids = _prompt_ids(tokenizer, prompt, use_template)
-        prompt_text = prompt if isinstance(prompt, str) else ""
-        for option in opts:
-            text = str(option)
-            if not use_template and prompt_text and not prompt_text[-1].isspace() and not text[:1].isspace():
-                text = " " + text
-            option_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            pairs.append((prompt_ids + option_ids, [IGNORE_INDEX] * len(prompt_ids) + option_ids))
-    scores: list[float] = []
+    out: list[list[float]] = []
     with eval_mode(model):
-        for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, leave=False):
-            batch = collate(pairs[start : start + batch_size], pad)
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [batch, time - 1, vocab]
-            labels = batch["labels"][:, 1:].to(device)  # [batch, time - 1]
-            keep = labels != IGNORE_INDEX
-            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep  # [batch, time - 1]
-            total = picked.sum(-1)
+        for prompt, opts in tqdm(list(zip(prompts, options)), desc=desc, disable=not progress, leave=False):
+            prompt_ids = _prompt_ids(tokenizer, prompt, use_template)
+            prompt_text = prompt if isinstance(prompt, str) else ""
+            encoded = []
+            for option in opts:
+                text = str(option)
+                if not use_template and prompt_text and not prompt_text[-1].isspace() and not text[:1].isspace():
+                    text = " " + text
+                encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            first = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+            head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # [vocab]: each option's first token
+            scores = [float(head[ids[0]]) if ids else 0.0 for ids in encoded]
+            longer = [i for i, ids in enumerate(encoded) if len(ids) > 1]
+            if longer:
+                rest = _continuations(model, first.past_key_values, len(prompt_ids), [encoded[i] for i in longer], pad)
+                for i, value in zip(longer, rest):
+                    scores[i] += value
             if length_normalize:
-                total = total / keep.sum(-1).clamp(min=1)
-            scores.extend(total.tolist())
-    out, i = [], 0
-    for opts in options:
-        out.append(scores[i : i + len(opts)])
-        i += len(opts)
+                scores = [v / max(len(ids), 1) for v, ids in zip(scores, encoded)]
+            out.append(scores)
     return out
+
+
+def _continuations(model, cache, prompt_length: int, options: list[list[int]], pad: int) -> list[float]:
+    """Summed log-probability of each option's tokens after its first, continuing the prompt held in `cache` (which
+    this consumes): the options run as one right-padded batch over the prompt's cache repeated."""
+    device = device_of(model)
+    cache.batch_repeat_interleave(len(options))
+    width = max(len(ids) - 1 for ids in options)
+    ids = torch.full((len(options), width), pad, dtype=torch.long)  # [options, width]
+    mask = torch.zeros((len(options), prompt_length + width), dtype=torch.long)  # [options, prompt + width]
+    mask[:, :prompt_length] = 1
+    for row, option in enumerate(options):
+        ids[row, : len(option) - 1] = torch.tensor(option[:-1])
+        mask[row, prompt_length : prompt_length + len(option) - 1] = 1
+    logits = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True
+    ).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [options, width, vocab]
+    return [
+        float(logp[row, torch.arange(len(option) - 1), torch.tensor(option[1:])].sum())
+        for row, option in enumerate(options)
+    ]

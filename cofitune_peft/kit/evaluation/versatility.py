@@ -69,7 +69,9 @@ class VersatilityEval(BaseModelReference):
     `score = sum_c w_c * R_c / sum_c w_c` over the measures present (`weights`, default 1 each). A probe set the base
     model scores 0 on cannot be relative and is left out, with a warning. Retentions above 1 are kept (a fine-tune can
     raise a probe accuracy; likelihood-scored multiple choice is prone to that format effect, which is why the
-    label-free measures are there).
+    label-free measures are there). A probe may set its own `match` (e.g. `"token"` for chemical symbols), `rejected`
+    and `first_line` (see `SpecialityEval.exact_match`); `generation_batch_size` (default 8) prompts are generated
+    together.
 
     The base model's values are computed once, by `prepare(base_model)` (or `base_model=` in `default`), and kept:
     the top-`kl_top_k` next-token log-probabilities of the base model at every general-text position (`KL` is computed
@@ -106,6 +108,7 @@ class VersatilityEval(BaseModelReference):
         progress: bool = True,
         chat_template: bool | None = None,
         probe_match: str = "contains",
+        generation_batch_size: int = 8,
     ):
         texts = [t for t in (general_texts or []) if t and t.strip()]
         probes = list(probes or [])
@@ -136,8 +139,9 @@ class VersatilityEval(BaseModelReference):
             self.probe_evals["probes_mc"] = SpecialityEval.multiple_choice(mc, name="probes (choice)", **common)
         if gen:
             self.probe_evals["probes_gen"] = SpecialityEval.exact_match(
-                gen, max_new_tokens=max_new_tokens, match=probe_match, name="probes (answer)", **common
-            )
+                gen, max_new_tokens=max_new_tokens, match=probe_match, name="probes (answer)",
+                batch_size=generation_batch_size, **common,
+            )  # fmt: skip
         self.reference: dict[str, Any] | None = None
 
     @classmethod
@@ -159,7 +163,7 @@ class VersatilityEval(BaseModelReference):
                 `prepare` before scoring; the search does that itself).
             tokenizer (*optional*): the tokenizer; also accepted by each call.
             **kwargs: `max_length`, `batch_size`, `kl_top_k`, `max_new_tokens`, `weights`, `progress`,
-                `chat_template`, `probe_match` (see the class docstring).
+                `chat_template`, `probe_match`, `generation_batch_size` (see the class docstring).
         """
         evaluator = cls(general_texts, probes, tokenizer=tokenizer, **kwargs)
         if base_model is not None:
