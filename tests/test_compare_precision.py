@@ -43,7 +43,7 @@ def _split(spec, gen, mc, ce, kl, tokens=4, base_ce=0.5, base_gen=1.0, base_mc=1
             "ce_sum": [ce],
             "kl_sum": [kl],
             "tokens": [tokens],
-        },  # fmt: skip
+        },
     }
 
 
@@ -149,7 +149,7 @@ def test_settings_record_split_sizes_and_runs_keep_per_item_values(tmp_path):
     tok = tiny_tokenizer()
     splits = _tiny_splits(tok)
     train = [{"prompt": f"{a}+1=", "completion": str(a + 1)} for a in range(30, 40)]
-    with pytest.raises(CoFiTuneError, match="Spec. is undefined"):  # a random tiny model learns nothing: no report
+    with pytest.raises(CoFiTuneError, match=r"Spec\. is undefined"):  # a random tiny model learns nothing: no report
         compare_methods(lambda: tiny_model(num_layers=4), train, tokenizer=tok, validation=splits["validation"],
                         test=splits["test"], steps=1, batch_size=2, max_length=16, output_dir=str(tmp_path),
                         methods=["full"], learning_rates={"full": [1e-3]}, progress=False)  # fmt: skip
