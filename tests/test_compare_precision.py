@@ -284,3 +284,18 @@ def test_full_preset_task_defaults_yield_to_flags():
         _task_defaults("knowledge", argparse.Namespace(preset="full", steps=7, batch_size=8, given={"steps"})).steps
         == 7
     )
+
+
+def test_equal_speciality_answer_holds_cofitune_against_full_lora_and_replay():
+    extra = [_record("cofitune", 3e-4, spec=1, gen=0, mc=0, ce=2.2, kl=0.1),
+             _record("full_replay10", 1e-4, spec=1, gen=1, mc=1, ce=2.0, kl=0.0)]  # fmt: skip
+    result = ComparisonResult(
+        [*_result().__dict__["_records"].values(), *extra],
+        resolve_methods(["lora", "cofitune", "full_replay10"]),
+        seed=0,
+        weight=0.5,
+    )
+    answer = result.equal_speciality_answer(levels=(1.0,))["1"]
+    assert answer["ours"]["method"] == "cofitune" and answer["theirs"]["method"] == "full_replay10"
+    assert answer["diff"] < 0 and answer["call"] == "beyond the item noise"
+    assert "At equal speciality, the best CoFiTune-family point" in result.to_markdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 from test_compare import GENERAL, TEST, TRAIN, VAL, NegLoss
@@ -68,3 +69,27 @@ def test_demo_says_what_to_do_when_runs_are_too_short_to_learn(tmp_path, monkeyp
     demo.add_demo_arguments(parser)
     with pytest.raises(CoFiTuneError, match=r"too short.*raise `--steps`"):
         demo.demo_command(parser.parse_args(["--quick", "--output-dir", str(tmp_path)]))
+
+
+def test_verdict_says_within_noise_below_one_item_and_names_the_interval_above():
+    from test_compare_precision import _record
+
+    from cofitune_peft.kit.compare import ComparisonResult
+    from cofitune_peft.kit.compare.methods import resolve_methods
+
+    def verdict_for(cofitune_split):
+        records = [
+            _record("base", None, spec=0, gen=1, mc=1, ce=2.0, kl=0.0),
+            _record("full", 1e-4, spec=1, gen=0, mc=1, ce=3.0, kl=0.4),
+            _record("lora", 1e-3, spec=1, gen=1, mc=0, ce=2.4, kl=0.2),
+            _record("cofitune", 3e-4, **cofitune_split),
+        ]
+        result = ComparisonResult(records, resolve_methods(["lora", "cofitune"]), seed=0, weight=0.5)
+        return demo.verdict(result, baselines=("lora",), cofitune=("cofitune",))
+
+    # Vers. 0.007 above LoRA's: less than one probe's worth (0.25 here) is noise, not a win
+    (line,) = verdict_for({"spec": 1, "gen": 1, "mc": 0, "ce": 2.37, "kl": 0.2})
+    assert re.search(r"Vers\. [\d.]+ vs [\d.]+ \(within noise: less than one item", line), line
+    # two probes more: beyond the item noise, and the demo says it ran one seed
+    (line,) = verdict_for({"spec": 1, "gen": 1, "mc": 1, "ce": 2.0, "kl": 0.0})
+    assert re.search(r"Vers\. [\d.]+ vs [\d.]+ \(\+[\d.]+, beyond the item noise .*; one seed\)", line), line

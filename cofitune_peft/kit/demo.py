@@ -71,31 +71,54 @@ QUICK = DemoSettings(
 )
 
 
+def noise_phrase(result, a_key: str, b_key: str, metric: str, diff: float) -> str:
+    """How a difference of `metric` between two runs reads against the item noise: "within noise" when it is smaller
+    than one item's worth (`ComparisonResult.item_worth`) or its paired bootstrap interval holds 0, else the interval.
+    The demo runs one seed, so a difference beyond the item noise is still unmeasured against the seed spread."""
+    worth = result.item_worth(metric)
+    bounds = result.interval(a_key, b_key, metric)
+    if worth is not None and abs(diff) < worth:
+        return f"within noise: less than one item ({worth:.3f})"
+    if bounds is not None and bounds[0] <= 0.0 <= bounds[1]:
+        return f"within noise: interval [{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
+    if bounds is None:
+        return f"{diff:+.3f}, no per-item scores to judge it"
+    return f"{diff:+.3f}, beyond the item noise [{bounds[0]:+.3f}, {bounds[1]:+.3f}]; one seed"
+
+
 def verdict(result, baselines=("lora", "full"), cofitune=("cofitune", DEMO_MASK)) -> list[str]:
     """Plain sentences comparing each CoFiTune method with each baseline, from a `ComparisonResult`: the selected
-    points (test Spec. and Vers.) and the best Vers. at the Spec. the baseline's selected point reaches."""
+    points (test Spec., Vers. and Uni.) and the best Vers. at the Spec. the baseline's selected point reaches, each
+    difference read against the item noise (`noise_phrase`: "within noise" when smaller than one item's worth or
+    inside its paired bootstrap interval)."""
     lines = []
     for ours in cofitune:
         if ours not in result.selected:
             continue
-        mine = result.selected[ours]["test"]
+        mine_row = result.selected[ours]
+        mine = mine_row["test"]
         label = result.methods[ours]["label"]
         for other in baselines:
             if other not in result.selected:
                 continue
-            theirs = result.selected[other]["test"]
+            theirs_row = result.selected[other]
+            theirs = theirs_row["test"]
             if not math.isfinite(theirs["spec"]):
                 continue
+            parts = []
+            for metric, name in (("spec", "Spec."), ("vers", "Vers."), ("uni", "Uni.")):
+                a, b = mine[metric], theirs[metric]
+                phrase = noise_phrase(result, mine_row["key"], theirs_row["key"], metric, a - b)
+                parts.append(f"{name} {a:.3f} vs {b:.3f} ({phrase})")
             at = result.at_equal_speciality(levels=(theirs["spec"],))[ours][theirs["spec"]]
-            reach = (
-                f"at its Spec. ({theirs['spec']:.2f}) {label} keeps Vers. {at['vers']:.3f}"
-                if at
-                else f"{label} never reaches its Spec. ({theirs['spec']:.2f})"
-            )
+            if at:
+                phrase = noise_phrase(result, at["key"], theirs_row["key"], "vers", at["vers"] - theirs["vers"])
+                reach = (f"at its Spec. ({theirs['spec']:.2f}) {label} keeps Vers. {at['vers']:.3f} against "
+                         f"{theirs['vers']:.3f} ({phrase})")  # fmt: skip
+            else:
+                reach = f"{label} never reaches its Spec. ({theirs['spec']:.2f})"
             lines.append(
-                f"{label} vs {result.methods[other]['label']}: selected points Spec. {mine['spec']:.2f} vs "
-                f"{theirs['spec']:.2f}, Vers. {mine['vers']:.3f} vs {theirs['vers']:.3f}, Uni. {mine['uni']:.3f} vs "
-                f"{theirs['uni']:.3f}; {reach} against {theirs['vers']:.3f}."
+                f"{label} vs {result.methods[other]['label']}: selected points " + "; ".join(parts) + f"; {reach}."
             )
     return lines
 

@@ -106,6 +106,8 @@ def select(validation_rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
 
 #: Spec. levels of `ComparisonResult.at_equal_speciality` (1 = full fine-tuning's selected speciality).
 EQUAL_SPECIALITY_LEVELS = (0.25, 0.5, 0.75, 1.0)
+#: The methods CoFiTune is held against in `ComparisonResult.equal_speciality_answer`: full fine-tuning, LoRA, replay.
+ANSWER_BASELINES = ("full", "lora", "full_replay10", "full_replay25", "lora_replay10", "lora_replay25")
 
 
 def _mean_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -278,8 +280,42 @@ class ComparisonResult:
                 best = max(reaching, key=lambda r: r["test"]["vers"], default=None)
                 out[name][level] = None if best is None else {
                     "vers": best["test"]["vers"], "gen": best["test"].get("gen"), "spec": best["test"]["spec"],
-                    "learning_rate": best["learning_rate"], "alpha": best.get("alpha"),
+                    "learning_rate": best["learning_rate"], "alpha": best.get("alpha"), "key": best.get("key"),
                 }  # fmt: skip
+        return out
+
+    def equal_speciality_answer(
+        self, levels: Sequence[float] = EQUAL_SPECIALITY_LEVELS, baselines: Sequence[str] = ANSWER_BASELINES
+    ) -> dict[str, Any]:
+        """At each Spec. level: the CoFiTune-family grid point with the best test Vers. (among those whose test Spec.
+        reaches the level) against the best of `baselines` (full fine-tuning, LoRA and their replay variants), the
+        difference, its paired bootstrap interval and whether it is beyond the item noise (main seed: the frontier's
+        points have one seed each, so a difference beyond the item noise is still unmeasured against the seeds)."""
+        table = self.at_equal_speciality(levels)
+        ours = [m for m in table if self.methods.get(m, {}).get("family") == "cofitune"]
+        theirs = [m for m in baselines if m in table]
+        out = {}
+        worth = self.item_worth("vers")
+        for level in levels:
+
+            def best(names, level=level):
+                points = [(m, table[m][level]) for m in names if table[m][level]]
+                return max(points, key=lambda p: p[1]["vers"], default=None)
+
+            a, b = best(ours), best(theirs)
+            if a is None or b is None:
+                out[f"{level:g}"] = {"ours": a and {"method": a[0], **a[1]}, "theirs": b and {"method": b[0], **b[1]}}
+                continue
+            diff = a[1]["vers"] - b[1]["vers"]
+            bounds = self.interval(a[1]["key"], b[1]["key"], "vers")
+            noise = (worth is not None and abs(diff) < worth) or (bounds is not None and bounds[0] <= 0 <= bounds[1])
+            out[f"{level:g}"] = {
+                "ours": {"method": a[0], **a[1]},
+                "theirs": {"method": b[0], **b[1]},
+                "diff": diff,
+                "interval": bounds,
+                "call": "within noise" if noise else ("beyond the item noise" if bounds else "unmeasured"),
+            }
         return out
 
     # -- output
@@ -297,6 +333,7 @@ class ComparisonResult:
                 m: {f"{k:g}": v for k, v in d.items()} for m, d in self.at_equal_speciality().items()
             },
             "item_worth": {k: self.item_worth(k) for k in ("spec", "vers", "uni")},
+            "equal_speciality_answer": self.equal_speciality_answer(),
             "differences": self.differences(),
         }
 
@@ -384,6 +421,20 @@ class ComparisonResult:
                 lines.append(
                     f"| {self.methods[a]['label']} vs {self.methods[b]['label']} | " + " | ".join(cells) + " |"
                 )
+        lines += ["", "At equal speciality, the best CoFiTune-family point against the best of full fine-tuning, LoRA "
+                  "and replay (test Vers.; main seed; 95% paired bootstrap interval):", "",
+                  "| Spec. >= | CoFiTune family | baseline | Δ Vers. | call |", "|---|---|---|---|---|"]  # fmt: skip
+        for level, entry in self.equal_speciality_answer().items():
+            if "diff" not in entry:
+                continue
+            a, b = entry["ours"], entry["theirs"]
+            bounds = (
+                "" if entry["interval"] is None else f" [{entry['interval'][0]:+.3f}, {entry['interval'][1]:+.3f}]"
+            )
+            lines.append(
+                f"| {level} | {self.methods[a['method']]['label']} {a['vers']:.3f} | "
+                f"{self.methods[b['method']]['label']} {b['vers']:.3f} | {entry['diff']:+.3f}{bounds} | {entry['call']} |"
+            )
         return lines
 
     def plot(self, path: str) -> str:
