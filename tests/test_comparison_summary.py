@@ -64,10 +64,15 @@ def test_a_difference_counts_only_beyond_the_sum_of_the_spreads(summary_module):
     b = _row("b", 1e-3, 0.8, _scores(0.8, 0.8), seeded(0.77, 0.02))
     c = _row("c", 1e-3, 0.8, _scores(0.8, 0.8), seeded(0.70, 0.02))
     single = _row("d", 1e-3, 0.8, _scores(0.1, 0.1))
-    assert summary_module.compare_pair(a, b, "uni")["call"] == "noise"
-    far = summary_module.compare_pair(a, c, "uni")
-    assert far["call"] == "exceeds the spread" and math.isclose(far["diff"], 0.1) and math.isclose(far["spread"], 0.04)
-    assert summary_module.compare_pair(a, single, "uni")["call"] == "one seed: unmeasured spread"
+    assert summary_module.compare_pair(a, b, "uni", [0.01, 0.05])["call"] == "noise"  # within the spread
+    far = summary_module.compare_pair(a, c, "uni", [0.05, 0.15])
+    assert far["call"] == "real" and math.isclose(far["diff"], 0.1) and math.isclose(far["spread"], 0.04)
+    assert summary_module.compare_pair(a, c, "uni", [-0.01, 0.2])["call"] == "noise"  # the interval holds 0
+    assert summary_module.compare_pair(a, c, "uni")["call"] == "unmeasured (no item interval)"
+    assert summary_module.compare_pair(a, single, "uni", [0.5, 0.9])["call"] == "unmeasured (one seed)"
+    assert summary_module.compare_pair(a, single, "uni", [-0.5, 0.9])["call"] == "noise"
+    differences = [{"a": "c", "b": "a", "uni": {"interval": [-0.15, -0.05]}}]
+    assert summary_module._interval(differences, "a", "c", "uni") == [0.05, 0.15]
 
 
 def test_markdown_has_every_task_the_pairs_and_the_equal_speciality_table(summary_module):
@@ -83,4 +88,20 @@ def test_markdown_has_every_task_the_pairs_and_the_equal_speciality_table(summar
     assert "| Spec. >= 0.5 | Spec. >= 1 |" in text
     assert "| words | FULL | 0.700 (0.50) | - |" in text
     assert "Best mask variant on validation (mean selected validation Uni. over the tasks): cofitune_mask" in text
+    comparisons["words"]["equal_speciality_answer"] = {
+        "1": {"ours": {"method": "cofitune", "vers": 0.8}, "theirs": {"method": "full", "vers": 0.7}, "diff": 0.1,
+              "interval": [0.02, 0.18], "call": "beyond the item noise"}}  # fmt: skip
+    text = summary_module.to_markdown(summary_module.summarise(comparisons))
+    assert "| words | 1 | COFITUNE 0.800 | FULL 0.700 | +0.100 [+0.020, +0.180] | beyond the item noise |" in text
     json.dumps(summary, default=float)  # what main() writes
+
+
+def test_plot_draws_every_task(summary_module, tmp_path):
+    comparisons = {
+        "arithmetic": _comparison({"full": 0.9, "lora": 0.8, "cofitune": 0.7, "cofitune_mask": 0.75,
+                                   "cofitune_pull": 0.74, "full_replay10": 0.85}),
+        "knowledge": _comparison({"full": 0.9, "lora": 0.8, "cofitune": 0.7, "cofitune_mask": 0.72,
+                                  "cofitune_pull": 0.7, "full_replay10": 0.8}),
+    }  # fmt: skip
+    path = summary_module.plot(comparisons, summary_module.summarise(comparisons), str(tmp_path / "summary.png"))
+    assert (tmp_path / "summary.png").stat().st_size > 0 and path.endswith("summary.png")
