@@ -6,6 +6,7 @@ eval mode for the pass and given back in the mode it came in.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -107,11 +108,12 @@ def option_logprobs(
                     text = " " + text
                 encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
             first = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+            cache = first["cache"] if "cache" in first else first["past_key_values"]
             head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # [vocab]: each option's first token
             scores = [float(head[ids[0]]) if ids else 0.0 for ids in encoded]
             longer = [i for i, ids in enumerate(encoded) if len(ids) > 1]
             if longer:
-                rest = _continuations(model, first.past_key_values, len(prompt_ids), [encoded[i] for i in longer], pad)
+                rest = _continuations(model, cache, len(prompt_ids), [encoded[i] for i in longer], pad)
                 for i, value in zip(longer, rest):
                     scores[i] += value
             if length_normalize:
@@ -132,11 +134,17 @@ def _continuations(model, cache, prompt_length: int, options: list[list[int]], p
     for row, option in enumerate(options):
         ids[row, : len(option) - 1] = torch.tensor(option[:-1])
         mask[row, prompt_length : prompt_length + len(option) - 1] = 1
-    logits = model(
-        input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True
-    ).logits
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True}
+    inputs[_cache_argument(model)] = cache
+    logits = model(**inputs).logits
     logp = torch.log_softmax(logits.float(), dim=-1)  # [options, width, vocab]
     return [
         float(logp[row, torch.arange(len(option) - 1), torch.tensor(option[1:])].sum())
         for row, option in enumerate(options)
     ]
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes a key/value cache: `cache` (recent transformers) or `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
