@@ -10,7 +10,7 @@ the importance and the replay pool. This script reads the plan from `cofitune_pe
 
 where each DIR is a comparison folder (`<task>/runs/*.json` or `runs/*.json`): the median seconds per step of `full`,
 `lora` and `cofitune` runs and the median evaluation seconds per run are taken from its records, per task (a task
-without runs borrows the costs of the first one measured). Other methods' steps are those ratios to full fine-tuning's
+without runs borrows the costs of the first one measured); or the JSON of `bench_run_cost.py`. Other methods' steps are those ratios to full fine-tuning's
 step that the committed comparison measured (`STEP_VS_FULL`, docs/results.md). Prints a table of the pieces (per task:
 the sweep of the named methods, the post-hoc points, the seed repeats) with their run counts and minutes at one
 thread, and the total in process-hours.
@@ -51,7 +51,13 @@ def cost_class(method: str) -> str:
 
 
 def measured_costs(directory: str) -> dict[str, dict[str, float]]:
-    """`{task: {"full", "lora", "window": seconds per step, "eval": seconds per run}}` from a comparison folder."""
+    """`{task: {"full", "lora", "window": seconds per step, "eval": seconds per run}}` from a comparison folder, or
+    from the JSON `bench_run_cost.py` writes."""
+    if os.path.isfile(directory):
+        with open(directory) as fh:
+            bench = json.load(fh)
+        keys = ("full", "lora", "window", "eval")
+        return {task: {k: r[k] for k in keys if k in r} for task, r in bench.get("tasks", {}).items()}
     out: dict[str, dict[str, list[float]]] = {}
     paths = glob.glob(os.path.join(directory, "*", "runs", "*.json")) + glob.glob(
         os.path.join(directory, "runs", "*.json")

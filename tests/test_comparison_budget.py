@@ -48,3 +48,17 @@ def budget_grid(name):
     from cofitune_peft.kit.compare.command import FULL_GRIDS
 
     return FULL_GRIDS[name]
+
+
+def test_run_cost_bench_on_a_tiny_model_feeds_the_budget(budget, tmp_path):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    with benchmark_script("bench_run_cost.py") as bench:
+        sizes = {"n_eval": 2, "n_test": 3, "n_general": 1, "batch_size": 2, "max_length": 32}
+        result = bench.measure_task("arithmetic", lambda: tiny_model(num_layers=4), tiny_tokenizer(), steps=1,
+                                    sizes=sizes)  # fmt: skip
+    assert {"full", "lora", "window", "eval", "eval_test"} <= set(result)
+    assert all(result[k] > 0 for k in ("full", "lora", "window", "eval")) and result["eval_test"] < result["eval"]
+    path = tmp_path / "run_cost.json"
+    path.write_text(json.dumps({"tasks": {"arithmetic": result}}))
+    assert budget.measured_costs(str(path))["arithmetic"]["eval"] == result["eval"]
