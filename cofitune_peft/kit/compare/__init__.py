@@ -4,8 +4,13 @@ validation split, scored on a test split.
 - `methods`: the registry of builders (`METHODS`, `register_method`, `DEFAULT_LEARNING_RATES`, `MethodSettings`,
   `PenaltyToBase` for the L1/L2-to-base baselines; derived methods such as `wiseft` and `cofitune_alpha` score
   post-hoc values of their parent's runs without training);
-- `runner`: `compare_methods`, cached and resumable per run;
+- `fine_levels`: fine levels that are not a learning rate (`cofitune_pull`: `ImportancePull`; `cofitune_restrained`;
+  `cofitune_l2out`) and the replay baselines (`ReplayMix`: general examples mixed into the training data);
+- `penalties`: `TrainingWrapper` (a method that wraps the model while it trains) and `PenaltyToBase`;
+- `runner`: `compare_methods`, cached and resumable per run, every run's per-item scores kept;
 - `report`: `ComparisonResult` (frontier, selection, table, JSON, plot), retentions capped at 1 for ranking;
+- `intervals`: paired bootstrap intervals over items and the rule that calls a difference real or noise;
+- `tasks`: the offline tasks (arithmetic, words, knowledge) as evaluation splits, the replay pool, the model loader;
 - `command`: `cofitune compare` (`add_compare_arguments`, `compare_command`).
 """
 
