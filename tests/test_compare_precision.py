@@ -299,3 +299,44 @@ def test_equal_speciality_answer_holds_cofitune_against_full_lora_and_replay():
     assert answer["ours"]["method"] == "cofitune" and answer["theirs"]["method"] == "full_replay10"
     assert answer["diff"] < 0 and answer["call"] == "beyond the item noise"
     assert "At equal speciality, the best CoFiTune-family point" in result.to_markdown()
+
+
+def test_auto_seed_methods_take_the_headline_and_those_near_the_best_on_validation():
+    from cofitune_peft.kit.compare.command import auto_seed_methods
+
+    extra = [_record("cofitune", 3e-4, spec=1, gen=1, mc=1, ce=2.0, kl=0.0),
+             _record("cofitune_pull", 3e-4, spec=1, gen=1, mc=1, ce=2.1, kl=0.0),
+             _record("vsoftmask", 1e-4, spec=0, gen=0, mc=0, ce=4.0, kl=2.0)]  # fmt: skip
+    result = ComparisonResult([*_result().__dict__["_records"].values(), *extra],
+                              resolve_methods(["lora", "cofitune", "cofitune_pull", "vsoftmask"]), seed=0, weight=0.5)  # fmt: skip
+    chosen = auto_seed_methods(result, always=("full", "lora"), margin=0.05, limit=4)
+    assert chosen == ["full", "lora", "cofitune", "cofitune_pull"]
+    assert auto_seed_methods(result, always=("full",), margin=0.05, limit=2) == ["full", "cofitune"]
+    assert "vsoftmask" not in auto_seed_methods(result, margin=0.05, limit=10)
+
+
+def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch, capsys):
+    from test_compare import GENERAL, TEST, TRAIN, VAL, NegLoss
+
+    from cofitune_peft.kit.compare import add_compare_arguments, command, compare_command
+
+    def fake_splits(task, tokenizer, **kwargs):
+        val = EvalSplit(NegLoss(VAL, "val"), VersatilityEval(GENERAL[:3], tokenizer=tokenizer, progress=False))
+        test = EvalSplit(NegLoss(TEST, "test"), VersatilityEval(GENERAL[3:], tokenizer=tokenizer, progress=False))
+        return TRAIN, {"validation": val, "test": test}, GENERAL
+
+    monkeypatch.setattr(command, "task_splits", fake_splits)
+    monkeypatch.setattr(command, "model_loader", lambda name: ((lambda: tiny_model(num_layers=4)), tiny_tokenizer()))
+    monkeypatch.setattr(command, "task_replay", lambda *a, **k: [{"prompt": "Say hi.", "completion": "Hi."}])
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    args = parser.parse_args(["--preset", "full", "--task", "arithmetic", "--output-dir", str(tmp_path), "--steps", "1",
+                              "--methods", "base,full,lora,cofitune,full_replay10", "--lr", "full=1e-3",
+                              "--lr", "lora=1e-3", "--lr", "cofitune=1e-3", "--lr", "full_replay10=1e-3",
+                              "--seeds", "1", "--seed-methods", "auto", "--no-progress"])  # fmt: skip
+    assert compare_command(args) == 0
+    comparison = json.loads((tmp_path / "arithmetic" / "comparison.json").read_text())
+    seeded = {m for m, r in comparison["selected"].items() if r["seeds"]["seeds"] == [0, 1]}
+    assert {"full", "lora", "cofitune"} <= seeded and len(seeded) <= command.AUTO_SEEDS_MAX
+    assert "full_replay10" in comparison["selected"] and comparison["differences"]
+    assert "Differences at the selected points" in capsys.readouterr().out
