@@ -34,6 +34,20 @@ def test_knowledge_task_is_deterministic_and_teaches_every_asked_fact():
     assert len(set(facts)) == len(facts)
 
 
+def test_knowledge_validation_takes_unused_facts_first_then_other_paraphrases():
+    _, held = knowledge_task(n_people=5, n_test=12, n_validation=16)  # 20 facts: 8 unused, then 8 test facts again
+    validation, test = held.select(range(16)), held.select(range(16, 28))
+    assert not set(validation["prompt"]) & set(test["prompt"])  # no question in both
+    val_facts = [(r["person"], r["attribute"]) for r in validation]
+    test_facts = {(r["person"], r["attribute"]) for r in test}
+    assert len(set(val_facts)) == 16 and len(test_facts) == 12
+    assert not set(val_facts[:8]) & test_facts and set(val_facts[8:]) <= test_facts
+    _, disjoint = knowledge_task(n_people=5, n_test=12, n_validation=8)
+    assert not {(r["person"], r["attribute"]) for r in disjoint.select(range(8))} & {
+        (r["person"], r["attribute"]) for r in disjoint.select(range(8, 20))
+    }
+
+
 def test_knowledge_questions_are_paraphrases_never_used_in_training():
     train, held = knowledge_task(n_people=20, n_test=80)
     train_templates = {t for kind in attributes() for t in kind.train}
@@ -55,7 +69,8 @@ def test_knowledge_towns_are_made_up():
     "kwargs, match",
     [
         ({"n_people": 0}, "`n_people`"),
-        ({"n_people": 2, "n_test": 9}, "`n_test` must be at most 8"),
+        ({"n_people": 2, "n_test": 9}, "`n_test` and `n_validation` must each be at most 8"),
+        ({"n_people": 2, "n_validation": 9, "n_test": 1}, "must each be at most 8"),
         ({"phrasings": 4}, "`phrasings`"),
         ({"n_towns": 1}, "`n_towns`"),
     ],

@@ -5,7 +5,8 @@ the bare number, "What is 47 + 38?" -> "85": the answer format that makes fine-t
 `"words"` (word-order reversal, "Reverse the order of these words: apple river stone" -> "stone river apple") and
 `"knowledge"` (facts about made-up people answered in sentences, "Where does Ilsa Varnow live?" -> "Ilsa Varnow lives
 in Korrath.", asked on held-out paraphrases: learning knowledge, not a format). Held-out questions are split into
-validation and test (for the knowledge task: about disjoint facts); versatility probes (country capitals and chemical
+validation and test (for the knowledge task: the test asks about every fact once; validation about 80 of them with
+other paraphrases, so no question is in both); versatility probes (country capitals and chemical
 symbols, generated short answers and 4-way multiple choice) are split by subject, general prose by document;
 importance and CorDA read the separate `importance` split of `general_texts`. For a model without a chat template
 every prompt takes the plain "Question: ...\nAnswer:" form (`plain_format`).
@@ -27,14 +28,15 @@ from ..fingerprint import fingerprint
 from .runner import EvalSplit
 
 TASKS = ("arithmetic", "words", "knowledge")
-#: People of the knowledge task (4 facts each): enough for 200 held-out questions, one per fact (calibrated in
-#: docs/results.md, "A knowledge task that forgets").
-KNOWLEDGE_PEOPLE = 50
+#: People of the knowledge task (4 facts each): 120 facts, one test question each; validation asks about 80 of them
+#: with other paraphrases (calibrated in docs/results.md, "A knowledge task that forgets").
+KNOWLEDGE_PEOPLE = 30
 
 
-def task_data(task: str, n_train: int, n_test: int) -> tuple[Any, Any, dict[str, Any]]:
-    """`(train, held_out, SpecialityEval.exact_match scoring arguments)` of one of `TASKS` (the knowledge task teaches
-    every fact of `max(KNOWLEDGE_PEOPLE, n_test / 4)` people, whatever `n_train`)."""
+def task_data(task: str, n_train: int, n_test: int, n_validation: int = 0) -> tuple[Any, Any, dict[str, Any]]:
+    """`(train, held_out, SpecialityEval.exact_match scoring arguments)` of one of `TASKS`: `n_test` held-out
+    questions, the first `n_validation` of them for validation (the knowledge task teaches every fact of
+    `max(KNOWLEDGE_PEOPLE, (n_test - n_validation) / 4)` people, whatever `n_train`; see `knowledge_task`)."""
     from ..data import arithmetic_task, knowledge_task, word_reversal_task
     from ..evaluation import extract_number
 
@@ -45,7 +47,9 @@ def task_data(task: str, n_train: int, n_test: int) -> tuple[Any, Any, dict[str,
         train, held_out = word_reversal_task(n_train=n_train, n_test=n_test)
         return train, held_out, {"numeric": False}
     if task == "knowledge":
-        train, held_out = knowledge_task(n_people=max(KNOWLEDGE_PEOPLE, math.ceil(n_test / 4)), n_test=n_test)
+        tested = n_test - n_validation
+        people = max(KNOWLEDGE_PEOPLE, math.ceil(tested / 4), math.ceil(n_validation / 4))
+        train, held_out = knowledge_task(n_people=people, n_test=tested, n_validation=n_validation)
         return train, held_out, {"numeric": False, "match": "contains"}
     raise CoFiTuneError(f"`task` must be one of {TASKS}, got {task!r}.")
 
@@ -86,7 +90,7 @@ def task_splits(
     from ..training.encoding import has_chat_template
 
     n_test = n_eval if n_test is None else n_test
-    train, held_out, scoring = task_data(task, n_train, n_eval + n_test)
+    train, held_out, scoring = task_data(task, n_train, n_eval + n_test, n_validation=n_eval)
     fmt = (lambda x: dict(x)) if has_chat_template(tokenizer) else plain_format
     held_out = [fmt(dict(x)) for x in held_out]
     probes = probe_splits({"validation": n_eval, "test": n_test})

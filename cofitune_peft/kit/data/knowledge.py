@@ -124,31 +124,35 @@ def _real_names() -> set[str]:
 
 
 def knowledge_task(
-    n_people: int = 50,
-    n_test: int = 200,
+    n_people: int = 30,
+    n_test: int = 120,
     seed: int = 0,
     phrasings: int = 3,
     n_towns: int = 30,
+    n_validation: int = 0,
 ) -> tuple[Dataset, Dataset]:
     """Facts about made-up people (home town, job, instrument, birth year), taught as question -> sentence pairs.
 
     Every person has one value of each attribute; every fact is taught with `phrasings` of its attribute's training
-    questions. The held-out questions each ask about a different taught fact, with one of the attribute's held-out
-    paraphrases (never a training template), in a seeded random order: split them anywhere (validation first, test
-    after) and the two halves ask about disjoint facts.
+    questions. Held-out questions use the attribute's held-out paraphrases (never a training template): the `n_test`
+    test questions each ask about a different fact; the `n_validation` validation questions (first in `held_out`) each
+    ask about a different fact too, about facts the test does not ask about while there are such facts left, and
+    otherwise about test facts with another paraphrase than the test's. No question is in both parts.
 
     Args:
-        n_people (`int`, *optional*, defaults to 50): people; `4 * n_people` facts.
-        n_test (`int`, *optional*, defaults to 200): held-out questions (at most `4 * n_people`, one per fact).
+        n_people (`int`, *optional*, defaults to 30): people; `4 * n_people` facts.
+        n_test (`int`, *optional*, defaults to 120): test questions (at most `4 * n_people`, one per fact).
         seed (`int`, *optional*, defaults to 0): the seed of names, values and order.
         phrasings (`int`, *optional*, defaults to 3): training questions per fact (1 to 3).
         n_towns (`int`, *optional*, defaults to 30): made-up towns the people live in.
+        n_validation (`int`, *optional*, defaults to 0): validation questions (at most `4 * n_people`), first in
+            `held_out`.
 
     Returns:
         `tuple[datasets.Dataset, datasets.Dataset]`: `(train, held_out)`. `train` has `prompt` (a question) and
-        `completion` (the answer sentence); `held_out` also has `answer` (the value the reply must contain),
-        `rejected` (the attribute's other values: a reply that contains one is wrong), `match` (`"contains"`),
-        `person` and `attribute`.
+        `completion` (the answer sentence); `held_out` (`n_validation` then `n_test` rows) also has `answer` (the value
+        the reply must contain), `rejected` (the attribute's other values: a reply that contains one is wrong),
+        `match` (`"contains"`), `person` and `attribute`.
 
     Example:
 
@@ -165,16 +169,18 @@ def knowledge_task(
     from datasets import Dataset
 
     problems = []
-    for name, value, low in (("n_people", n_people, 1), ("n_test", n_test, 0), ("n_towns", n_towns, 2)):
+    for name, value, low in (("n_people", n_people, 1), ("n_test", n_test, 0), ("n_towns", n_towns, 2),
+                             ("n_validation", n_validation, 0)):  # fmt: skip
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             problems.append(f"`{name}` must be an int >= {low}, got {value!r}.")
     if not isinstance(phrasings, int) or not 1 <= phrasings <= 3:
         problems.append(f"`phrasings` must be 1, 2 or 3 (training questions per fact), got {phrasings!r}.")
     kinds = attributes()
-    if not problems and n_test > len(kinds) * n_people:
+    n_facts = len(kinds) * n_people if isinstance(n_people, int) else 0
+    if not problems and max(n_test, n_validation) > n_facts:
         problems.append(
-            f"`n_test` must be at most {len(kinds) * n_people} (one question per fact: {len(kinds)} facts per "
-            f"person), got {n_test}; raise `n_people`."
+            f"`n_test` and `n_validation` must each be at most {n_facts} (one question per fact: {len(kinds)} facts "
+            f"per person), got {n_test} and {n_validation}; raise `n_people`."
         )
     if not problems and n_towns > len(_TOWN) * len(_TOWN_END) - 10:
         problems.append(f"`n_towns` must be at most {len(_TOWN) * len(_TOWN_END) - 10}, got {n_towns}.")
@@ -192,13 +198,18 @@ def knowledge_task(
             for template in rng.sample(kind.train, phrasings):
                 train["prompt"].append(template.format(name=person))
                 train["completion"].append(sentence)
-            facts.append((person, kind, value, sentence))
+            # two different held-out paraphrases: the test's, and the validation's if it asks about this fact too
+            facts.append((person, kind, value, sentence, rng.sample(kind.held_out, 2)))
     rng.shuffle(facts)
+    test = [(fact, fact[4][0]) for fact in facts[:n_test]]
+    unused = facts[n_test:]
+    reused = [(fact, fact[4][1]) for fact in facts[:n_test]]
+    validation = [(fact, fact[4][0]) for fact in unused] + reused
     held: dict[str, list] = {k: [] for k in ("prompt", "completion", "answer", "rejected", "match", "person")}
     held["attribute"] = []
-    for person, kind, value, sentence in facts[:n_test]:
+    for (person, kind, value, sentence, _), template in [*validation[:n_validation], *test]:
         pool = towns if kind.name == "town" else kind.values
-        held["prompt"].append(rng.choice(kind.held_out).format(name=person))
+        held["prompt"].append(template.format(name=person))
         held["completion"].append(sentence)
         held["answer"].append(value)
         held["rejected"].append([v for v in pool if v != value])
