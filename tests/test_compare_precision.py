@@ -331,12 +331,15 @@ def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch
     parser = argparse.ArgumentParser()
     add_compare_arguments(parser)
     args = parser.parse_args(["--preset", "full", "--task", "arithmetic", "--output-dir", str(tmp_path), "--steps", "1",
-                              "--methods", "base,full,lora,cofitune,full_replay10", "--lr", "full=1e-3",
-                              "--lr", "lora=1e-3", "--lr", "cofitune=1e-3", "--lr", "full_replay10=1e-3",
+                              "--methods", "base,full,lora,cofitune,full_replay10",
+                              "--lr", "lora=1e-3", "--lr", "cofitune=1e-3", "--lr", "full=1e-3,1e-2",
                               "--seeds", "1", "--seed-methods", "auto", "--no-progress"])  # fmt: skip
     assert compare_command(args) == 0
     comparison = json.loads((tmp_path / "arithmetic" / "comparison.json").read_text())
     seeded = {m for m, r in comparison["selected"].items() if r["seeds"]["seeds"] == [0, 1]}
     assert {"full", "lora", "cofitune"} <= seeded and len(seeded) <= command.AUTO_SEEDS_MAX
-    assert "full_replay10" in comparison["selected"] and comparison["differences"]
+    # replay trains at the rate its parent's sweep selected on validation, one point
+    replay = [r for r in comparison["frontier"] if r["method"] == "full_replay10"]
+    assert [r["learning_rate"] for r in replay] == [comparison["selected"]["full"]["learning_rate"]]
+    assert comparison["differences"]
     assert "Differences at the selected points" in capsys.readouterr().out

@@ -13,6 +13,7 @@ method, the grids of `FULL_GRIDS`, and extra seeds for the headline methods' sel
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -65,6 +66,11 @@ FULL_METHODS = (
 AUTO_SEEDS_ALWAYS = ("full", "lora", "cofitune")
 AUTO_SEEDS_MARGIN = 0.05
 AUTO_SEEDS_MAX = 6
+
+#: `--preset full`: methods that train at the learning rate their parent's sweep selects on validation, one point each
+#: (replay: the practitioner's recipe, with general data mixed in), unless `--lr` gives them a grid. They run after
+#: the sweep of the others, in the same call.
+FULL_RATE_FROM = {f"{parent}_replay{share}": parent for parent in ("full", "lora", "cofitune") for share in (10, 25)}
 
 #: Defaults of the options `--preset full` sets otherwise.
 PLAIN_DEFAULTS = {
@@ -283,41 +289,35 @@ def compare_command(args: argparse.Namespace) -> int:
             pull_strength=args.pull_strength,
             restraint_rate=args.restraint_rate,
         )
+        run = functools.partial(
+            compare_methods, loader, train, tokenizer=tokenizer, validation=splits["validation"], test=splits["test"],
+            steps=args.steps, output_dir=output_dir, settings=settings, batch_size=args.batch_size,
+            max_length=args.max_length, seed=args.seed, importance_kwargs={"num_samples": args.importance_samples},
+            weight=args.weight, progress=not args.no_progress,
+        )  # fmt: skip
+        methods, grids = _names(args.methods), dict(args.grids)
+        rate_from = FULL_RATE_FROM if args.preset == "full" else {}
+        pending = [m for m in methods if m in rate_from and m not in grids]
+        if pending and not args.report_only:
+            # the sweep of the others first (it resumes from the cache); then each of these at its parent's rate
+            first = list(dict.fromkeys([*(m for m in methods if m not in pending), *(rate_from[m] for m in pending)]))
+            swept = run(methods=first, learning_rates={k: v for k, v in grids.items() if k in first})
+            grids.update({m: [swept.selected[rate_from[m]]["learning_rate"]] for m in pending})
         auto = args.seed_methods.startswith("auto")
         seeds = _ints(args.seeds, "--seeds")
         seed_methods = _names(args.seed_methods) or None
         if auto and seeds and not args.report_only:
             # the sweep first (resumes from the cache), then the seeds of the methods it puts near the best
-            swept = compare_methods(loader, train, tokenizer=tokenizer, validation=splits["validation"],
-                                    test=splits["test"], steps=args.steps, output_dir=output_dir,
-                                    methods=_names(args.methods), learning_rates=args.grids, settings=settings,
-                                    batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                                    importance_kwargs={"num_samples": args.importance_samples}, weight=args.weight,
-                                    progress=not args.no_progress)  # fmt: skip
-            seed_methods = auto_seed_methods(swept)
+            seed_methods = auto_seed_methods(run(methods=methods, learning_rates=grids))
             logging.getLogger(__name__).info("--seed-methods auto: %s", seed_methods)
         elif auto:
             seed_methods = None
-        result = compare_methods(
-            loader,
-            train,
-            tokenizer=tokenizer,
-            validation=splits["validation"],
-            test=splits["test"],
-            steps=args.steps,
-            output_dir=output_dir,
-            methods=_names(args.methods),
-            learning_rates=args.grids,
-            settings=settings,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            seed=args.seed,
+        result = run(
+            methods=methods,
+            learning_rates=grids,
             seeds=seeds if seed_methods or not auto else [],
             seed_methods=seed_methods,
-            importance_kwargs={"num_samples": args.importance_samples},
-            weight=args.weight,
             report_only=args.report_only,
-            progress=not args.no_progress,
         )
         if task:
             print(f"\n## {task}\n")
