@@ -4,7 +4,7 @@ A comparison's cost is a sum over runs: each trained grid point is `steps x seco
 evaluation of both splits; each post-hoc point (WiSE-FT, CoFiTune's strength) one evaluation; each seed repeat a
 training run plus an evaluation of the test split alone; each task once the base model's references and scores,
 the importance and the replay pool. This script reads the plan from `cofitune_peft.kit.compare.command`
-(`FULL_METHODS`, `FULL_GRIDS`, `FULL_DEFAULTS`, `FULL_TASK_DEFAULTS`) and the costs from measured runs:
+(`FULL_METHODS`, `FULL_GRIDS`, `FULL_DEFAULTS`, `FULL_TASK_DEFAULTS`, `FULL_TASK_GRIDS`, `FULL_RATE_FROM`) and the costs from measured runs:
 
     python benchmarks/comparison_budget.py --costs DIR [DIR ...] [--methods a,b,...] [--json PATH]
 
@@ -85,18 +85,34 @@ def step_seconds(costs: dict[str, float], method: str) -> float:
 
 def plan(task: str, methods: list[str] | None = None) -> dict:
     """The runs of one task of `--preset full`: grid points per method, post-hoc points, seed repeats."""
-    from cofitune_peft.kit.compare.command import FULL_DEFAULTS, FULL_GRIDS, FULL_METHODS, FULL_TASK_DEFAULTS
+    from cofitune_peft.kit.compare.command import (
+        FULL_DEFAULTS,
+        FULL_GRIDS,
+        FULL_METHODS,
+        FULL_RATE_FROM,
+        FULL_TASK_DEFAULTS,
+        FULL_TASK_GRIDS,
+    )
     from cofitune_peft.kit.compare.methods import METHODS, resolve_methods
 
     defaults = {**FULL_DEFAULTS, **FULL_TASK_DEFAULTS.get(task, {})}
     names = list(methods or FULL_METHODS)
-    resolved = resolve_methods(names, {k: v for k, v in FULL_GRIDS.items() if k in resolve_methods(names)})
+    grids = {**FULL_GRIDS, **FULL_TASK_GRIDS.get(task, {})}
+    resolved = resolve_methods(names, {k: v for k, v in grids.items() if k in resolve_methods(names)})
     seeds = [s for s in str(defaults["seeds"]).split(",") if s.strip()]
-    seed_methods = [m for m in str(defaults["seed_methods"]).split(",") if m.strip() in resolved]
+    seed_methods = str(defaults["seed_methods"])
+    if seed_methods.startswith("auto"):  # the most `--seed-methods auto` may take
+        from cofitune_peft.kit.compare.command import AUTO_SEEDS_ALWAYS, AUTO_SEEDS_MAX
+
+        extra = [m for m in resolved if m not in AUTO_SEEDS_ALWAYS and METHODS[m].trains and m not in ("base",)]
+        seed_methods = [*(m for m in AUTO_SEEDS_ALWAYS if m in resolved), *extra][:AUTO_SEEDS_MAX]
+    else:
+        seed_methods = [m for m in seed_methods.split(",") if m.strip() in resolved]
     trained, derived = {}, {}
     for name, method in resolved.items():
         if method.trains:
-            trained[name] = len(method.learning_rates)
+            # a method at its parent's selected rate is one point
+            trained[name] = 1 if name in FULL_RATE_FROM and name not in grids else len(method.learning_rates)
         elif method.derived_from is not None:
             derived[name] = len(method.learning_rates) * len(resolved[method.derived_from].learning_rates)
     repeats = {}
@@ -106,7 +122,7 @@ def plan(task: str, methods: list[str] | None = None) -> dict:
     return {"steps": defaults["steps"], "trained": trained, "derived": derived, "repeats": repeats}
 
 
-def minutes(task: str, costs: dict[str, float], runs: dict, prep_evals: float = 2.5) -> dict[str, float]:
+def minutes(task: str, costs: dict[str, float], runs: dict, prep_evals: float = 5.0) -> dict[str, float]:
     """Minutes of each part of `plan(task)`: base preparation (`prep_evals` evaluations' worth: references, base scores,
     importance, replay), the sweep, the post-hoc points, the seed repeats."""
     evaluation = costs["eval"]

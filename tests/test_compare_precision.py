@@ -284,6 +284,14 @@ def test_full_preset_task_defaults_yield_to_flags():
         _task_defaults("knowledge", argparse.Namespace(preset="full", steps=7, batch_size=8, given={"steps"})).steps
         == 7
     )
+    from cofitune_peft.kit.compare.command import FULL_GRIDS, FULL_TASK_GRIDS
+
+    grids = {"full": FULL_GRIDS["full"], "lora": (1e-2,)}
+    args = argparse.Namespace(preset="full", steps=40, given=set(), grids=grids, lr=["lora=1e-2"])
+    knowledge = _task_defaults("knowledge", args)
+    assert knowledge.grids["full"] == FULL_TASK_GRIDS["knowledge"]["full"]  # the task's own grid
+    assert knowledge.grids["lora"] == (1e-2,)  # a flag's grid stays
+    assert "cofitune" not in knowledge.grids and _task_defaults("words", args).grids == grids
 
 
 def test_equal_speciality_answer_holds_cofitune_against_full_lora_and_replay():
@@ -343,3 +351,13 @@ def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch
     assert [r["learning_rate"] for r in replay] == [comparison["selected"]["full"]["learning_rate"]]
     assert comparison["differences"]
     assert "Differences at the selected points" in capsys.readouterr().out
+
+
+def test_the_registry_holds_the_fine_levels_and_replay_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = "from cofitune_peft.kit.compare import METHODS; print(sorted(METHODS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for name in ("cofitune_pull", "cofitune_restrained", "cofitune_l2out", "full_replay10", "cofitune_replay25"):
+        assert name in out

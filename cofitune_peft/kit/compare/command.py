@@ -26,46 +26,52 @@ from .runner import DEFAULT_METHODS, EvalSplit, compare_methods
 from .tasks import TASKS, model_loader, task_replay, task_splits
 
 #: `--preset full`: the sizes of the committed comparison (docs/results.md), where a flag does not set them: 40 steps of
-#: batch 8 (the grids' top learning rates forget: full fine-tuning's generated probes fall), eval splits of 40
-#: questions, 40 + 40 probes and 12 general texts each, sized so that both tasks fit a few hours on 2 CPU cores.
+#: batch 8 (the grids' top learning rates forget: full fine-tuning's generated probes fall); validation splits of 80
+#: questions, 80 + 80 probes and 16 general texts, test splits of 120, 120 + 120 and 16; extra seeds 1 and 2 for the
+#: headline methods and those near the best on validation (`--seed-methods auto`). Sized so that the three tasks and
+#: the Gemma headline fit about 8 process-hours at one thread (docs/results.md, "The next comparison").
 FULL_DEFAULTS = {
     "steps": 40,
     "batch_size": 8,
     "max_length": 128,
     "n_eval": 80,
     "n_test": 120,
-    "n_general": 24,
+    "n_general": 16,
     "seeds": "1,2",
-    "seed_methods": "full,lora,cofitune,cofitune_mask,cofitune_mask_mean1,cofitune_alpha,wiseft",
+    "seed_methods": "auto",
 }
 
-#: `--preset full`: learning-rate grids (log-spaced, x3) shifted one step up from the registry's defaults, which were
-#: sized for 150 steps; the post-hoc grids of the derived methods (WiSE-FT, CoFiTune's strength) cut to two values.
+#: `--preset full`: learning-rate grids, two points each around where the previous comparison and the knowledge
+#: calibration selected (docs/results.md). Replay methods have none: they train at their parent's selected rate
+#: (`FULL_RATE_FROM`).
 FULL_GRIDS = {
-    **dict.fromkeys(("full", "l1", "l2", "osf", "vsoftmask"), (3e-05, 0.0001, 0.0003)),
-    **dict.fromkeys(("lora", "corda_kpm", "cofitune_gradient"), (3e-4, 1e-3, 3e-3)),
-    # CoFiTune's coarse window collapses on arithmetic at 1e-3 after 40 steps: its grid reaches one step lower.
-    "cofitune": (1e-4, 3e-4, 1e-3, 3e-3),
-    "cofitune_mask": (2e-4, 6e-4, 2e-3, 6e-3),
-    # The mask variants span the rates where the mask and the coarse window did best on either task (6e-3 forgot).
+    "full": (3e-05, 1e-4),
+    **dict.fromkeys(("l1", "l2", "osf", "vsoftmask", "cofitune_l2out"), (3e-05, 0.0001, 0.0003)),
+    "lora": (1e-3, 3e-3),
+    **dict.fromkeys(("corda_kpm", "cofitune_gradient"), (3e-4, 1e-3, 3e-3)),
+    "cofitune": (3e-4, 1e-3),
+    "cofitune_mask": (6e-4, 2e-3),
     **dict.fromkeys(("cofitune_onesided", "cofitune_fisher"), (2e-4, 6e-4, 2e-3)),
     **dict.fromkeys(("cofitune_mask_mean1", "cofitune_hard"), (1e-4, 3e-4, 1e-3)),
+    **dict.fromkeys(("cofitune_pull", "cofitune_restrained"), (3e-4, 1e-3)),
     "wiseft": (0.3, 0.6),
     "cofitune_alpha": (0.3, 0.6),
 }
 
-#: `--preset full`: every method, in the order they run (the headline ones first, so an interrupted run has them).
+#: `--preset full`: the methods of the committed run, in the order they run (the headline first, so an interrupted run
+#: has them): full fine-tuning, LoRA, CoFiTune coarse and its default mask, the fine levels that are not a learning
+#: rate, and replay. The rest of the registry is cut for the budget (docs/results.md lists it, with the command that
+#: adds it: `--methods` with their names resumes the same folders).
 FULL_METHODS = (
-    "base", "full", "wiseft", "lora", "cofitune", "cofitune_alpha", "cofitune_mask", "cofitune_mask_mean1",
-    "cofitune_onesided", "cofitune_fisher", "cofitune_hard", "cofitune_gradient", "vsoftmask", "l1",
-    "l2", "corda_kpm", "osf",
+    "base", "full", "lora", "cofitune", "cofitune_mask", "cofitune_pull", "cofitune_restrained",
+    "full_replay10", "full_replay25", "lora_replay10", "lora_replay25", "cofitune_replay10", "cofitune_replay25",
 )  # fmt: skip
 
 #: `--seed-methods auto`: these methods always get the extra seeds; then every method whose selected validation Uni. is
 #: within `AUTO_SEEDS_MARGIN` of the best one's, at most `AUTO_SEEDS_MAX` methods in all (`auto_seed_methods`).
 AUTO_SEEDS_ALWAYS = ("full", "lora", "cofitune")
 AUTO_SEEDS_MARGIN = 0.05
-AUTO_SEEDS_MAX = 6
+AUTO_SEEDS_MAX = 4
 
 #: `--preset full`: methods that train at the learning rate their parent's sweep selects on validation, one point each
 #: (replay: the practitioner's recipe, with general data mixed in), unless `--lr` gives them a grid. They run after
@@ -78,7 +84,13 @@ PLAIN_DEFAULTS = {
 }  # fmt: skip
 
 #: `--preset full`: per-task sizes that differ from `FULL_DEFAULTS` (where no flag sets them).
-FULL_TASK_DEFAULTS: dict[str, dict] = {"knowledge": {"steps": 60, "batch_size": 16}}
+FULL_TASK_DEFAULTS: dict[str, dict] = {"knowledge": {"steps": 60}}
+
+#: `--preset full`: per-task grids that replace `FULL_GRIDS` (where no `--lr` sets them). The knowledge task is new: its
+#: headline grids have three points (full fine-tuning's top rate is where the calibration learned the most).
+FULL_TASK_GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
+    "knowledge": {"full": (3e-5, 1e-4, 3e-4), "lora": (3e-4, 1e-3, 3e-3), "cofitune": (3e-4, 1e-3, 3e-3)},
+}
 
 
 def parse_grids(values: list[str] | None) -> dict[str, list[float]]:
@@ -223,6 +235,9 @@ def _task_defaults(task: str, args: argparse.Namespace) -> argparse.Namespace:
     for key, value in FULL_TASK_DEFAULTS.get(task, {}).items():
         if key not in getattr(args, "given", set()):
             setattr(out, key, value)
+    given = parse_grids(getattr(args, "lr", None))
+    task_grids = {m: v for m, v in FULL_TASK_GRIDS.get(task, {}).items() if m in getattr(args, "grids", {})}
+    out.grids = {**getattr(args, "grids", {}), **{m: v for m, v in task_grids.items() if m not in given}}
     return out
 
 

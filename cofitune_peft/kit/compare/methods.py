@@ -485,6 +485,8 @@ for _m in (
     register_method(_m)
 
 
+from . import fine_levels  # noqa: E402, F401 (registers the fine levels and the replay methods, built on the above)
+
 # The default grid of every method (learning rates; a derived method: its post-hoc values over its parent's runs).
 DEFAULT_LEARNING_RATES: dict[str, tuple[float, ...]] = {name: m.learning_rates for name, m in METHODS.items()}
 
