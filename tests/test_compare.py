@@ -402,13 +402,15 @@ def test_full_preset_fills_unset_options_and_keeps_given_ones():
     args = _with_defaults(parser.parse_args(["--preset", "full", "--output-dir", "x"]))
     assert args.steps == FULL_DEFAULTS["steps"] and args.n_eval == FULL_DEFAULTS["n_eval"]
     assert args.methods.split(",") == list(FULL_METHODS) and set(FULL_METHODS) <= set(METHODS)
-    assert args.grids == FULL_GRIDS and all(len(v) >= 3 for k, v in FULL_GRIDS.items() if METHODS[k].trains)
-    assert set(args.seed_methods.split(",")) <= set(FULL_METHODS)
-    # a subset of methods: the preset's grids and seed methods shrink to it; flags win over the preset
-    given = ["--preset", "full", "--output-dir", "x", "--methods", "lora", "--steps", "7", "--lr", "lora=1e-3,2e-3"]
+    assert args.grids == {k: v for k, v in FULL_GRIDS.items() if k in FULL_METHODS}
+    assert all(len(v) >= 2 for k, v in FULL_GRIDS.items() if METHODS[k].trains)
+    assert args.seed_methods == FULL_DEFAULTS["seed_methods"] == "auto" and args.n_test == FULL_DEFAULTS["n_test"]
+    # a subset of methods: the preset's grids shrink to it; flags win over the preset
+    given = ["--preset", "full", "--output-dir", "x", "--methods", "lora", "--steps", "7", "--lr", "lora=1e-3,2e-3",
+             "--seed-methods", "full,lora,osf"]  # fmt: skip
     args = _with_defaults(parser.parse_args(given))
     assert args.steps == 7 and args.grids == {"full": FULL_GRIDS["full"], "lora": [1e-3, 2e-3]}
-    assert args.seed_methods == "full,lora"
+    assert args.seed_methods == "full,lora,osf"  # a flag is taken as given
     plain = _with_defaults(parser.parse_args(["--preset", "words", "--output-dir", "x", "--steps", "3"]))
     assert plain.n_eval == 100 and plain.grids == {} and plain.seeds == ""
     with pytest.raises(CoFiTuneError, match="--steps"):
