@@ -152,6 +152,7 @@ def test_replay_instructions_and_filters():
     assert not any(word in " ".join(instructions).lower() for word in ("capital", "country", "element", "symbol"))
     assert complete_sentences("First one. Second is cut") == "First one."
     assert complete_sentences("no end here") is None
+    assert complete_sentences("It helps. Here are two:\n\n1.") == "It helps."  # a list number ends nothing
     probes = [
         {"subject": "France", "answer": "Paris", "aliases": []},
         {"subject": "Gold", "answer": "Au", "match": "token"},

@@ -39,7 +39,8 @@ TEMPLATES = (
     "What are the benefits of {topic}?",
     "Write a short paragraph about {topic}.",
 )
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# a sentence ends at . ! or ? after a letter or a closing mark, not after a list number ("1.")
+_SENTENCE_END = re.compile(r"(?<=[A-Za-z)\"'])[.!?](?=\s|$)")
 
 
 def replay_instructions(n: int = 128, seed: int = 0) -> list[str]:
