@@ -278,12 +278,10 @@ def test_task_replay_is_made_once_and_kept(tmp_path, monkeypatch):
 def test_full_preset_task_defaults_yield_to_flags():
     args = argparse.Namespace(preset="full", steps=40, batch_size=8, given=set())
     knowledge = _task_defaults("knowledge", args)
-    assert knowledge.steps == FULL_TASK_DEFAULTS["knowledge"]["steps"] and args.steps == 40
-    assert _task_defaults("arithmetic", args).steps == 40
-    assert (
-        _task_defaults("knowledge", argparse.Namespace(preset="full", steps=7, batch_size=8, given={"steps"})).steps
-        == 7
-    )
+    assert knowledge.batch_size == FULL_TASK_DEFAULTS["knowledge"]["batch_size"] == 16 and args.batch_size == 8
+    assert _task_defaults("arithmetic", args).batch_size == 8
+    given = argparse.Namespace(preset="full", steps=7, batch_size=4, given={"batch_size"})
+    assert _task_defaults("knowledge", given).batch_size == 4
     from cofitune_peft.kit.compare.command import FULL_GRIDS, FULL_TASK_GRIDS
 
     grids = {"full": FULL_GRIDS["full"], "lora": (1e-2,)}

@@ -84,7 +84,7 @@ PLAIN_DEFAULTS = {
 }  # fmt: skip
 
 #: `--preset full`: per-task sizes that differ from `FULL_DEFAULTS` (where no flag sets them).
-FULL_TASK_DEFAULTS: dict[str, dict] = {"knowledge": {"steps": 60}}
+FULL_TASK_DEFAULTS: dict[str, dict] = {"knowledge": {"batch_size": 16}}
 
 #: `--preset full`: per-task grids that replace `FULL_GRIDS` (where no `--lr` sets them). The knowledge task is new: its
 #: headline grids have three points (full fine-tuning's top rate is where the calibration learned the most).
