@@ -423,3 +423,32 @@ def _unpack_bnb_cpu(weight) -> None:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+# ---------------------------------------------------------------------- PEFT's module matcher (peft 0.21.2)
+# `target_modules` keeps PEFT's meaning in a CoFiTune config: module names matched the way
+# `peft.tuners.tuners_utils.check_target_module_exists` matches them (the full name or its last components, with
+# `layers_to_transform` and `layers_pattern`; a string is a regex). We call PEFT's own function so the meaning cannot
+# drift; it reads `target_modules`, `target_parameters`, `layers_to_transform`, `layers_pattern`, `exclude_modules`
+# and `modules_to_save` off the object it is given.
+
+
+def peft_target_matches(config, key: str) -> bool:
+    """Whether PEFT's matcher selects module `key` for `config` (a config, or a dict with `target_modules`,
+    `layers_to_transform`, `layers_pattern`)."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    shim = SimpleNamespace(
+        target_modules=get("target_modules"),
+        target_parameters=None,
+        layers_to_transform=get("layers_to_transform"),
+        layers_pattern=get("layers_pattern"),
+        exclude_modules=None,
+        modules_to_save=None,
+    )
+    if shim.target_modules is None:
+        return True
+    return bool(check_target_module_exists(shim, key))

@@ -31,7 +31,7 @@ def _section(peft_model) -> str:
             lines.append(f'- Adapter `{name}`: decoder layers {a}..{b - 1} (the paper\'s "({a}, {b}]")')
         else:
             lines.append(f"- Adapter `{name}`: decoder layers {list(cfg.layers_to_transform)}")
-        lines.append(f"  - Trained modules: `{cfg.target_modules}`")
+        lines.append(f"  - Trained modules: `{getattr(cfg, 'parts', None) or cfg.target_modules}`")
         source = cfg.to_dict().get("importance_source") or "none"
         lines.append(f"  - Soft mask: `{cfg.softmask_mode}` mode; importance from {source}")
         if hasattr(tuner, "mask_statistics"):

@@ -17,8 +17,13 @@ from .errors import CoFiTuneError
 from .layer import CoFiTuneLayer
 
 
-def weighted_config(peft_config: dict, adapters, weights, adapter_name: str, combination_type: str) -> CoFiTuneConfig:
-    """The config of `add_weighted_adapter`'s new adapter, after checking its arguments against `peft_config`."""
+def weighted_config(
+    peft_config: dict, adapters, weights, adapter_name: str, combination_type: str, module_keys=()
+) -> CoFiTuneConfig:
+    """The config of `add_weighted_adapter`'s new adapter, after checking its arguments against `peft_config`.
+
+    `module_keys` are the modules the adapters wrap (full names): the new adapter wraps exactly their union.
+    """
     if combination_type != "linear":
         raise CoFiTuneError(
             f"`combination_type` must be 'linear' (the exact weighted sum of CoFiTune's full-rank deltas), got "
@@ -63,18 +68,11 @@ def weighted_config(peft_config: dict, adapters, weights, adapter_name: str, com
         if indices is None:
             raise CoFiTuneError(f"adapter {a!r} has no resolved layers; it was not built on this model.")
         layers.update(indices)
-    targets = [c.target_modules for c in configs]
-    if any(t != targets[0] for t in targets):
-        roles, names = set(), set()
-        for c in configs:
-            r, n = c.roles_and_names()
-            roles, names = roles | r, names | n
-        targets[0] = sorted(roles) + sorted(names)
     save_dtypes = {c.save_dtype for c in configs}
     first = configs[0]
     return CoFiTuneConfig(
         layers_to_transform=sorted(layers),
-        target_modules=targets[0],
+        parts=sorted(module_keys),
         softmask_mode="none",
         unit_map=first.unit_map,
         layers_pattern=first.layers_pattern,

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import spec_for
+from torch.nn.utils import parametrize
+
+from ..architectures import PARTS, ModelLayout, model_layout
 from ..errors import CoFiTuneError
-from ..importance import PARTS, Importance
+from ..importance import Importance
 from .batches import _check_data, _describe, _loader_batches, _text_batches
 from .gates import _Gates, _kl_proxy, _lm_loss
 
@@ -31,9 +33,10 @@ SIGNALS = ("kl", "fisher")
 
 @dataclass
 class _Raw:
-    parts: dict[str, torch.Tensor]  # part -> [layers, units], gradient sums divided by the token count
+    parts: dict[str, torch.Tensor]  # part -> [layers, units] ([layers, experts, units]), sums / token count
     num_tokens: int
     num_samples: int
+    units: dict[str, list[int]] | None = None  # real units per layer of parts whose width differs between layers
 
 
 def _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, signal) -> tuple[str, ...]:
@@ -49,12 +52,27 @@ def _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, s
         problems.append(f"`dropout` must lie in (0, 1) (the paper uses 0.003), got {dropout!r}.")
     if accumulate not in ACCUMULATE:
         problems.append(f"`accumulate` must be one of {ACCUMULATE}, got {accumulate!r}.")
-    parts = (parts,) if isinstance(parts, str) else tuple(parts)
-    if not parts or set(parts) - set(PARTS) or len(set(parts)) != len(parts):
-        problems.append(f"`parts` must be a non-empty selection of {PARTS} without repeats, got {parts!r}.")
+    if parts is not None:
+        parts = (parts,) if isinstance(parts, str) else tuple(parts)
+        if not parts or set(parts) - set(PARTS) or len(set(parts)) != len(parts):
+            problems.append(f"`parts` must be None or a non-empty selection of {PARTS} without repeats, got {parts!r}.")
     if problems:
         raise CoFiTuneError(" ".join(problems))
-    return tuple(p for p in PARTS if p in parts)
+    return None if parts is None else tuple(p for p in PARTS if p in parts)
+
+
+def _layout_parts(layout: ModelLayout, parts: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The parts to estimate: those asked for (each must exist in the model), or every part the model has."""
+    present = tuple(p for p in PARTS if layout.widths().get(p, 0) > 0)
+    if parts is None:
+        return present
+    missing = [p for p in parts if p not in present]
+    if missing:
+        raise CoFiTuneError(
+            f"`parts` asks for {missing}, which this model does not have (its layers have {list(present)}); drop them "
+            "or pass `parts=None` for every part the model has."
+        )
+    return parts
 
 
 @dataclass(frozen=True)
@@ -68,10 +86,12 @@ class _Settings:
     dropout: float = 0.003
     accumulate: str = "abs"
     seed: int = 0
-    parts: Sequence[str] = PARTS
+    parts: Sequence[str] | None = None
     text_field: str | None = None
     progress: bool = True
     signal: str = "kl"
+    unit_map: dict | None = None
+    layers_pattern: str | None = None
 
 
 def _estimate_raw(model: nn.Module, data, **settings) -> _Raw:
@@ -104,12 +124,13 @@ def _estimate_raw(model: nn.Module, data, **settings) -> _Raw:
     num_tokens, num_seen = int(counts[0]), int(counts[1])
     if num_tokens == 0:
         raise CoFiTuneError("`data` holds no non-empty text (0 tokens); pass at least one non-empty example.")
-    out, offset, layers = {}, 0, gates.dims.num_layers
+    out, offset, layers = {}, 0, gates.layout.num_layers
     for part, per_layer in gates.gates.items():
+        shape = tuple(per_layer[0].shape)
         width = per_layer[0].numel()
-        out[part] = (flat_sums[offset : offset + layers * width].view(layers, width) / num_tokens).float()
+        out[part] = (flat_sums[offset : offset + layers * width].view(layers, *shape) / num_tokens).float()
         offset += layers * width
-    return _Raw(out, num_tokens, num_seen)
+    return _Raw(out, num_tokens, num_seen, gates.units())
 
 
 def _accumulate(model: nn.Module, batches, parts: tuple[str, ...], opts: _Settings, bar):
@@ -120,7 +141,8 @@ def _accumulate(model: nn.Module, batches, parts: tuple[str, ...], opts: _Settin
     """
     is_peft = hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
     base = model.get_base_model() if is_peft else model
-    spec = spec_for(base)
+    layout = _estimation_layout(model, base, opts)
+    parts = _layout_parts(layout, parts)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     device = model.get_input_embeddings().weight.device
@@ -136,21 +158,25 @@ def _accumulate(model: nn.Module, batches, parts: tuple[str, ...], opts: _Settin
             model.eval()
             for p, _ in flags:
                 p.requires_grad_(False)
-            gates = _Gates(base, spec, parts, float(opts.dropout) if opts.signal == "kl" else 0.0)
+            gates = _Gates(base, layout, parts, float(opts.dropout) if opts.signal == "kl" else 0.0)
             flat = gates.flat()
             sums = [torch.zeros_like(g) for g in flat]
             num_tokens = num_seen = 0
             for input_ids, attention_mask, n in batches:
                 digest = zlib.crc32(input_ids.to(torch.int64).cpu().numpy().tobytes())
                 gates.reseed((opts.seed * 0x9E3779B97F4A7C15 + digest) % 2**63)
-                loss = proxy(model, input_ids.to(device), attention_mask.to(device))
+                with parametrize.cached():
+                    loss = proxy(model, input_ids.to(device), attention_mask.to(device))
                 # autograd.grad returns this batch's gradient alone: no zeroing needed between batches.
                 grads = torch.autograd.grad(loss, flat, allow_unused=True)
-                if any(g is None for g in grads):
+                unreached = [i for i, (g, gate) in enumerate(zip(grads, flat)) if g is None and id(gate) in gates.used]
+                if unreached:
                     raise CoFiTuneError(
-                        f"the importance gates of this {type(base).__name__} were not reached in the forward pass; "
-                        "its attention or FFN does not call the modules named in `architectures.ARCHITECTURES`."
+                        f"some importance gates of this {type(base).__name__} were not reached in the forward pass "
+                        f"({len(unreached)} of {len(gates.used)}): its attention or FFN does not call the modules its "
+                        "layout names; describe the layers with `unit_map`."
                     )
+                grads = [torch.zeros_like(gate) if g is None else g for g, gate in zip(grads, flat)]
                 for acc, grad in zip(sums, grads):
                     if opts.signal == "fisher":
                         acc += grad.square()
@@ -170,6 +196,18 @@ def _accumulate(model: nn.Module, batches, parts: tuple[str, ...], opts: _Settin
     return gates, sums, num_tokens, num_seen
 
 
+def _estimation_layout(model: nn.Module, base: nn.Module, opts: _Settings) -> ModelLayout:
+    """The layout the gates go on: `unit_map`/`layers_pattern` when given, else those of the model's active CoFiTune
+    adapter (so a model built with a `unit_map` is estimated with it), else read from the model."""
+    unit_map, pattern = opts.unit_map, opts.layers_pattern
+    if unit_map is None and pattern is None:
+        for config in (getattr(model, "peft_config", None) or {}).values():
+            if getattr(config, "unit_map", None) is not None:
+                unit_map, pattern = config.unit_map, config.layers_pattern
+                break
+    return model_layout(base, unit_map, pattern)
+
+
 def _progress_bar(total: int | None, disable: bool):
     from tqdm.auto import tqdm
 
@@ -187,13 +225,16 @@ def estimate_importance(
     dropout: float = 0.003,
     accumulate: str = "abs",
     seed: int = 0,
-    parts: Sequence[str] = PARTS,
+    parts: Sequence[str] | None = None,
     text_field: str | None = None,
     progress: bool = True,
     signal: str = "kl",
     normalization: str = "abs_tanh",
+    unit_map: dict[str, str] | None = None,
+    layers_pattern: str | None = None,
 ) -> Importance:
-    """Estimate the importance of attention heads, FFN intermediate units and FFN outputs with the KL proxy.
+    """Estimate the importance of attention heads, FFN intermediate units and outputs (and each expert's) with the KL
+    proxy.
 
     Each batch runs twice with injected dropout `dropout`; the gradient of `KL(softmax(logits_2) ||
     softmax(logits_1))`, summed over non-padding tokens, with respect to all-ones gates on the units is accumulated
@@ -206,7 +247,8 @@ def estimate_importance(
     `"signed"` sums signed gradients as their code does.
 
     Args:
-        model (`nn.Module`): a transformers causal LM of a supported architecture, or a `peft.PeftModel` around one.
+        model (`nn.Module`): a transformers causal LM, or a `peft.PeftModel` around one: any model whose layout
+            `get_peft_model` reads (inferred, from the table of exceptions, or given as `unit_map`).
         data: a `datasets.Dataset` / `IterableDataset` or a list of examples, each a string or a dict with a text
             field (`"text"`, or `text_field`) or chat `"messages"` (rendered with the tokenizer's chat template); or a
             `torch.utils.data.DataLoader` yielding dicts with `input_ids` and `attention_mask`, used as given (split
@@ -220,7 +262,8 @@ def estimate_importance(
         accumulate (`str`, *optional*, defaults to `"abs"`): `"abs"` sums |gradient| per batch (DAS paper),
             `"signed"` sums signed gradients (the authors' code).
         seed (`int`, *optional*, defaults to 0): seeds the dropout masks (together with each batch's tokens).
-        parts (`Sequence[str]`, *optional*, defaults to all): which of `"heads"`, `"intermediate"`, `"output"`.
+        parts (`Sequence[str]`, *optional*, defaults to every part the model has): which of `"heads"`,
+            `"intermediate"`, `"output"`, `"expert_intermediate"`, `"expert_output"`.
         text_field (`str`, *optional*): the field holding the text (or messages) of each example.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar (on rank 0).
         signal (`str`, *optional*, defaults to `"kl"`): `"kl"`, the KL robustness proxy above (the paper's); or
@@ -228,6 +271,9 @@ def estimate_importance(
             per batch (an empirical Fisher per unit, as EWC uses; no dropout is injected and `accumulate` is ignored).
         normalization (`str`, *optional*, defaults to `"abs_tanh"`): the per-layer normalisation of the raw scores,
             `"abs_tanh"` (the authors' `|tanh(z)|`) or `"one_sided"` (`tanh(max(z, 0))`), see `Importance`.
+        unit_map (`dict[str, str]`, *optional*): describe the layers as `CoFiTuneConfig.unit_map` does (default: the
+            active CoFiTune adapter's `unit_map` when `model` has one, else the layout read from the model).
+        layers_pattern (`str`, *optional*): the decoder-layer list, as `CoFiTuneConfig.layers_pattern`.
 
     Returns:
         `Importance`: per-layer normalised importance; `metadata` records model, data, num_tokens, num_samples,
@@ -259,6 +305,8 @@ def estimate_importance(
         text_field=text_field,
         progress=progress,
         signal=signal,
+        unit_map=unit_map,
+        layers_pattern=layers_pattern,
     )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
@@ -273,4 +321,4 @@ def estimate_importance(
         "signal": signal,
     }
     logger.info("importance estimated on %d examples (%d tokens)", raw.num_samples, raw.num_tokens)
-    return Importance(**raw.parts, normalized=False, metadata=metadata, normalization=normalization)
+    return Importance(**raw.parts, normalized=False, metadata=metadata, normalization=normalization, units=raw.units)

@@ -16,7 +16,7 @@ import re
 import torch
 
 from cofitune_peft import CoFiTuneError
-from cofitune_peft.architectures import spec_for
+from cofitune_peft.architectures import model_layout
 from cofitune_peft.estimation import ACCUMULATE, estimate_importance
 from cofitune_peft.importance import PARTS
 
@@ -38,7 +38,7 @@ def add_importance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout", type=float, default=0.003, help="injected dropout (default 0.003)")
     parser.add_argument("--accumulate", choices=ACCUMULATE, default="abs", help="|grad| (DAS) or signed (authors)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=None, help="default: every part the model has")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if available)")
     parser.add_argument("--plot", default=None, help="also write a heatmap PNG here")
@@ -106,7 +106,7 @@ def importance_command(args: argparse.Namespace) -> int:
     if len(data) == 0:
         raise CoFiTuneError(f"`--data`: {args.data!r} holds no examples.")
     model, tokenizer = load_model_for_command(args.model, args.gguf_file, args.dtype)
-    spec_for(model)  # a clear error for architectures without a known FFN layout, before any work
+    model_layout(model)  # a clear error for a model CoFiTune cannot read, before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     importance = estimate_importance(

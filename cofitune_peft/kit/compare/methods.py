@@ -153,10 +153,10 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def _num_layers(model: nn.Module) -> int:
-    from cofitune_peft.architectures import count_layers, spec_for, text_config
+    from cofitune_peft.architectures import find_decoder_layers, text_config
 
     try:
-        found = count_layers(model, spec_for(model).layers_pattern)
+        found = len(find_decoder_layers(model)[1])
         if found:
             return int(found)
     except CoFiTuneError:

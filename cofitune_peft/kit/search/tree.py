@@ -74,10 +74,10 @@ def candidate_key(window: tuple[int, int], modules: str) -> str:
 
 
 def _num_layers(model) -> int:
-    from cofitune_peft.architectures import count_layers, spec_for, text_config
+    from cofitune_peft.architectures import find_decoder_layers, text_config
 
     try:
-        found = count_layers(model, spec_for(model).layers_pattern)
+        found = len(find_decoder_layers(model)[1])
         if found:
             return found
     except CoFiTuneError:
