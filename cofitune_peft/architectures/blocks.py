@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import _compat
 from .layout import full_shape
 
 MIXERS = (
@@ -36,10 +37,14 @@ LOOSE_FFN_PAIRS = (("fc1", "fc2"), ("intermediate.dense", "output.dense"), ("int
 
 
 def is_linear_like(module: nn.Module) -> bool:
+    """An `nn.Linear`/`Conv1D`, a module with `in_features`/`out_features`, or a leaf quantized by some library (so
+    that it can be refused by name, not skipped)."""
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     if isinstance(base, (nn.Linear, Conv1D)):
         return True
-    return isinstance(getattr(base, "in_features", None), int) and isinstance(getattr(base, "out_features", None), int)
+    if isinstance(getattr(base, "in_features", None), int) and isinstance(getattr(base, "out_features", None), int):
+        return True
+    return not any(True for _ in base.children()) and _compat.quantization_of(base) is not None
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:

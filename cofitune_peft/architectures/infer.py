@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import _compat
 from ..errors import CoFiTuneError
 from . import table
 from .blocks import Block, find_blocks, linear_dims, loose_ffn, unwrap
@@ -219,6 +220,8 @@ def read_ffn(block: Block, hidden: int, first: int, first_out: int) -> tuple[lis
         mods.append(plain(full(gates[0]), "out", seg("gate", "intermediate", first, inter)))
         mods.append(plain(full(up), "out", seg("up", "intermediate", first, inter)))
     elif len(single) == 1 and not fused:
+        if _role_name(single[0]) in FFN_GATE:
+            raise Unreadable(f"a gate projection {single[0]} without an up projection among {sorted(rel)}")
         mods.append(plain(full(single[0]), "out", seg("up", "intermediate", first, inter)))
     else:
         raise Unreadable(f"no input projection of {inter} (or {2 * inter}) features among {sorted(rel)}")
@@ -302,9 +305,18 @@ def _owner(block: Block, owner: str) -> nn.Module:
     rel = owner[len(block.path) + 1 :] if block.path and owner.startswith(block.path + ".") else owner
     return module.get_submodule(rel) if rel and rel != block.path else module
 
-def infer_layer(index: int, layer: nn.Module, cfg, hidden: int, tied: set[int]) -> tuple[LayerLayout, list[str]]:
-    """The layout of decoder layer `index`, and the table entries it used."""
+def infer_layer(
+    index: int, layer: nn.Module, cfg, hidden: int, tied: set[int], prefix: str = ""
+) -> tuple[LayerLayout, list[str]]:
+    """The layout of decoder layer `index` (`prefix`: the layer list's name, for messages), and the table entries it
+    used. A projection quantized by a library CoFiTune cannot train is refused by name."""
     blocks, loose = find_blocks(layer)
+    for block in blocks:
+        for path, module in block.linears.items():
+            library = _compat.quantization_of(_base(module))
+            if library is not None and library not in (_compat.BNB_4BIT, _compat.BNB_8BIT):
+                key = f"{prefix}.{index}.{path}" if prefix else f"{index}.{path}"
+                raise CoFiTuneError(_compat.unsupported_quantization_message(key, _base(module), library))
     extra = loose_ffn(loose)
     if extra is not None:
         blocks.append(extra)
@@ -440,7 +452,7 @@ def infer_layout(model: nn.Module, layers_pattern: str | None = None) -> ModelLa
     tied = tied_weights(layer_list)
     layers, used = [], []
     for i, layer in enumerate(layer_list):
-        layout, notes = infer_layer(i, layer, layer_config(cfg, i), hidden, tied)
+        layout, notes = infer_layer(i, layer, layer_config(cfg, i), hidden, tied, path)
         layers.append(layout)
         used += [n for n in notes if n not in used]
     result = ModelLayout(path, tuple(layers), hidden, "; ".join(["inferred", *used]))
