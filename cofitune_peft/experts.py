@@ -19,9 +19,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .architectures import full_shape
+from .architectures import full_shape, param_owner
 from .errors import CoFiTuneError
 from .layer import DeltaWeight
+
+
+def _key(name: str) -> str:
+    """A parameter's name as a ModuleDict/buffer key (`"mlp.w1"` -> `"mlp__w1"`; keys cannot hold dots)."""
+    return name.replace(".", "__")
+
+
+def _name(key: str) -> str:
+    return key.replace("__", ".")
 
 
 class _Tensors(nn.Module):
@@ -30,10 +39,10 @@ class _Tensors(nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor], persistent: bool):
         super().__init__()
         for name, value in tensors.items():
-            self.register_buffer(name, value, persistent=persistent)
+            self.register_buffer(_key(name), value, persistent=persistent)
 
     def get(self, name: str) -> torch.Tensor:
-        return getattr(self, name)
+        return getattr(self, _key(name))
 
 
 class _Delta(nn.Module):
@@ -86,10 +95,10 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
         return set(self.cofitune_delta)
 
     def _param(self, name: str) -> torch.Tensor:
-        base = self.get_base_layer()
-        if parametrize.is_parametrized(base, name):
-            return base.parametrizations[name].original
-        return getattr(base, name)
+        owner, attr = param_owner(self.get_base_layer(), name)
+        if parametrize.is_parametrized(owner, attr):
+            return owner.parametrizations[attr].original
+        return getattr(owner, attr)
 
     def update_layer(
         self,
@@ -115,7 +124,7 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
             rows[name] = plan["rows"].to(device=device, dtype=torch.float32)
             dims[name] = plan["dim"]
             self._view(name, shape, plan["experts"], plan["dim"], scales[name])  # checks the sizes
-        self.cofitune_delta[adapter_name] = nn.ModuleDict(deltas)
+        self.cofitune_delta[adapter_name] = nn.ModuleDict({_key(n): d for n, d in deltas.items()})
         self.cofitune_scale[adapter_name] = _Tensors(scales, persistent=True)
         self.cofitune_rows[adapter_name] = _Tensors(rows, persistent=False)
         self.cofitune_mode[adapter_name] = mode
@@ -159,11 +168,11 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
     def delta(self, adapter_name: str, name: str) -> torch.Tensor:
         """The change adapter `adapter_name` makes to parameter `name` (differentiable w.r.t. the delta)."""
         forward, backward = self._factors(adapter_name, name)
-        return self.cofitune_delta[adapter_name][name](forward, backward)
+        return self.cofitune_delta[adapter_name][_key(name)](forward, backward)
 
     def get_delta_weight(self, adapter_name: str, name: str | None = None) -> torch.Tensor:
         """The change of parameter `name` (the only trained one when None)."""
-        names = list(self.cofitune_delta[adapter_name])
+        names = self.params(adapter_name)
         if name is None:
             if len(names) != 1:
                 raise CoFiTuneError(
@@ -172,28 +181,31 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
             name = names[0]
         return self.delta(adapter_name, name)
 
+    def params(self, adapter_name: str) -> list[str]:
+        """The names of the parameters adapter `adapter_name` trains."""
+        return [_name(k) for k in self.cofitune_delta[adapter_name]]
+
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """PEFT's `convert_to_lora` turns `nn.Linear` deltas into LoRA factors; a fused expert parameter is not one."""
         return False
 
     @contextlib.contextmanager
     def _parametrized(self, adapters: list[str]):
-        base = self.get_base_layer()
-        names = sorted({n for a in adapters for n in self.cofitune_delta[a]})
+        names = sorted({n for a in adapters for n in self.params(a)})
         registered = []
         try:
             for name in names:
-                using = [a for a in adapters if name in self.cofitune_delta[a]]
-                original = getattr(base, name)
-                requires_grad = original.requires_grad
-                parametrize.register_parametrization(base, name, _Delta(self, name, using), unsafe=True)
-                base.parametrizations[name].original.requires_grad_(requires_grad)
-                registered.append(name)
+                using = [a for a in adapters if name in self.params(a)]
+                owner, attr = param_owner(self.get_base_layer(), name)
+                requires_grad = getattr(owner, attr).requires_grad
+                parametrize.register_parametrization(owner, attr, _Delta(self, name, using), unsafe=True)
+                owner.parametrizations[attr].original.requires_grad_(requires_grad)
+                registered.append((owner, attr))
             with parametrize.cached():
                 yield
         finally:
-            for name in registered:
-                parametrize.remove_parametrizations(base, name, leave_parametrized=False)
+            for owner, attr in registered:
+                parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         if adapter_names is not None:
@@ -219,7 +231,7 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
             if adapter not in self._available_adapters:
                 continue
             with torch.no_grad():
-                for name in self.cofitune_delta[adapter]:
+                for name in self.params(adapter):
                     param = self._param(name)
                     merged = param.data + self.delta(adapter, name).to(param.dtype)
                     if safe_merge and not torch.isfinite(merged).all():
@@ -235,7 +247,7 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
             adapter = self.merged_adapters.pop()
             if adapter in self._available_adapters:
                 with torch.no_grad():
-                    for name in self.cofitune_delta[adapter]:
+                    for name in self.params(adapter):
                         param = self._param(name)
                         param.data -= self.delta(adapter, name).to(param.dtype)
 

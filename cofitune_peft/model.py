@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import _compat
-from .architectures import find_decoder_layers
+from .architectures import find_decoder_layers, table
 from .config import CoFiTuneConfig, describe_importance, strength_problems
 from .errors import CoFiTuneError
 from .experts import ExpertsLayer
@@ -88,6 +88,14 @@ class CoFiTuneModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child):
+        # Unloading a fused-experts wrapper puts back a module without a `weight`; PEFT's version would copy one.
+        inner = getattr(child, "base_layer", child)
+        if not hasattr(new_module, "base_layer") and not hasattr(inner, "weight"):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         # The plan's tensors are now in the layers; the importance stays with the tuner (not the config).
         self._cofitune_plan = self._cofitune_modules = None
@@ -95,6 +103,11 @@ class CoFiTuneModel(BaseTuner):
         self._cofitune_pending = None
         if hasattr(config, "_pending_importance"):
             del config._pending_importance
+        self._cofitune_reversible = table.runs_layers_outside_autograd(model)
+        if self._cofitune_reversible and hasattr(model, "enable_input_require_grads"):
+            # reversible layers (Reformer) run their forward without autograd and recompute it in backward: the
+            # deltas get gradients only when the layers' input requires grad
+            model.enable_input_require_grads()
         if getattr(self, "_cofitune_input_grad_hook", None) is None:
             self._cofitune_input_grad_hook = model.register_forward_pre_hook(
                 functools.partial(_fix_input_grads, self), with_kwargs=True
@@ -247,7 +260,7 @@ class CoFiTuneModel(BaseTuner):
                 pairs.append((layer.cofitune_scale[adapter_name], layer.cofitune_rows[adapter_name]))
         for _, layer in self.expert_layers():
             if adapter_name in layer.cofitune_scale:
-                for name in layer.cofitune_delta[adapter_name]:
+                for name in layer.params(adapter_name):
                     pairs.append((layer.cofitune_scale[adapter_name].get(name), layer.cofitune_rows[adapter_name].get(name)))
         for scale, rows in pairs:
             rows = rows > 0
@@ -306,10 +319,10 @@ class CoFiTuneModel(BaseTuner):
             for _, layer in self.expert_layers():
                 if adapter_name not in layer.cofitune_delta:
                     continue
-                for name, delta in layer.cofitune_delta[adapter_name].items():
+                for name, delta in zip(layer.params(adapter_name), layer.cofitune_delta[adapter_name].values()):
                     total = torch.zeros(delta.weight.shape, dtype=torch.float32, device=delta.weight.device)
                     for other, weight in zip(adapters, weights):
-                        if other in layer.cofitune_delta and name in layer.cofitune_delta[other]:
+                        if other in layer.cofitune_delta and name in layer.params(other):
                             total += float(weight) * layer.delta(other, name).to(total.device, torch.float32)
                     delta.weight.copy_(total)
 
@@ -384,7 +397,7 @@ def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
     need a grad-requiring input to a checkpointed layer that holds trainable weights; we give it to the lowest such
     layer instead of to the embeddings, so the layers below it still stay out of the backward pass.
     """
-    if not module.training:
+    if not module.training or tuner._cofitune_reversible:
         return None
     found = _compat.input_grad_hooks(tuner._cofitune_embeddings)
     if not found:

@@ -23,6 +23,7 @@ from .architectures import (
     check_wrappable,
     full_shape,
     model_layout,
+    param_owner,
     weight_axis,
 )
 from .config import CoFiTuneConfig
@@ -161,10 +162,9 @@ def _checked_size(model: nn.Module, key: str, module_layout: ModuleLayout) -> in
         check_wrappable(key, base)
         size = int(full_shape(base.weight)[weight_axis(base, module_layout.axis)])
     else:
-        base = module
-        while hasattr(base, "get_base_layer") and not hasattr(base, module_layout.param):
-            base = base.get_base_layer()
-        param = getattr(base, module_layout.param)
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        owner, attr = param_owner(base, module_layout.param)
+        param = getattr(owner, attr)
         shape = tuple(full_shape(param))
         if len(shape) == 2:  # folded experts (DBRX): [experts * units, hidden]
             shape = (module_layout.experts, shape[0] // module_layout.experts, shape[1])
@@ -210,7 +210,7 @@ def peft_selection(plan: Plan, model: nn.Module, config: CoFiTuneConfig) -> dict
     keys = sorted(plan.modules())
     wanted = set(keys)
     inner = sorted({e.layout.name for e in plan.entries.values()})
-    layer_list = sorted({e.layer for e in plan.entries.values()})
+    layer_list = list(plan.layers)
     all_keys = [name for name, _ in model.named_modules() if name]
     for pattern in (plan.layout.layers_pattern, plan.layout.layers_path):
         candidate = {"target_modules": inner, "layers_to_transform": layer_list, "layers_pattern": pattern}

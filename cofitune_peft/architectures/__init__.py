@@ -28,6 +28,7 @@ from .layout import (
     check_wrappable,
     full_shape,
     is_conv1d,
+    param_owner,
     weight_axis,
 )
 from .locate import find_decoder_layers, layer_index_pattern
@@ -55,6 +56,7 @@ __all__ = [
     "layer_index_pattern",
     "model_layout",
     "model_type_of",
+    "param_owner",
     "read",
     "text_config",
     "weight_axis",

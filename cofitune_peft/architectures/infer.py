@@ -253,9 +253,10 @@ def read_experts(block: Block, cfg, hidden: int, first: int, first_out: int) -> 
     part_i, part_o = ("intermediate", "output") if shared else EXPERT_PARTS
     fi, fo = (first, first_out) if shared else (0, 0)
     mods = []
+    wrap = _wrap_target(block, owner)
     for role, (own, pn, p) in weights.items():
         pshape = _shape3(block, own, pn, p, cfg, experts)
-        name = own or block.path
+        name, pn = wrap(own, pn)
         if role == "down":
             mods.append(plain(name, "out", seg("down", part_o, fo, hidden), param=pn, experts=experts, dim=out_dim))
             continue
@@ -269,10 +270,24 @@ def read_experts(block: Block, cfg, hidden: int, first: int, first_out: int) -> 
         else:
             _check(pshape[dim], inter, f"{own}.{pn} rows ({inter} units)")
             mods.append(plain(name, "out", seg(role, part_i, fi, inter), param=pn, experts=experts, dim=dim))
-    down_name = owner or block.path
+    down_name, down_param = wrap(owner, pname)
     kind = "shared_experts" if shared else "experts"
-    gate = Gate(kind, down_name, fi, inter, hidden, fo, param=pname, experts=experts, out_dim=out_dim)
+    gate = Gate(kind, down_name, fi, inter, hidden, fo, param=down_param, experts=experts, out_dim=out_dim)
     return mods, gate, experts, inter
+
+
+def _wrap_target(block: Block, owner: str):
+    """Where the tuner layer goes: on the module that owns the weights, or, for modules whose parent reads the weights
+    off them directly (DBRX's `experts.mlp.w1`), on the parent (the parameter named by its path inside it)."""
+
+    def wrap(own: str, pname: str) -> tuple[str, str]:
+        own = own or block.path
+        if type(unwrap(_owner(block, own))).__name__ in table.FOLDED_EXPERTS and "." in own:
+            parent, child = own.rsplit(".", 1)
+            return parent, f"{child}.{pname}"
+        return own, pname
+
+    return wrap
 
 
 def _shape3(block: Block, owner: str, pname: str, param, cfg, experts: int | None = None) -> tuple[int, int, int]:
@@ -303,7 +318,11 @@ def _unit_dim(shape, hidden: int, fallback: int | None, down: bool, what: str) -
 def _owner(block: Block, owner: str) -> nn.Module:
     module = unwrap(block.module)
     rel = owner[len(block.path) + 1 :] if block.path and owner.startswith(block.path + ".") else owner
-    return module.get_submodule(rel) if rel and rel != block.path else module
+    if not rel or rel == block.path:
+        return module
+    for part in rel.split("."):  # look through tuner layers wrapped around modules on the way
+        module = unwrap(module)._modules[part]
+    return module
 
 def infer_layer(
     index: int, layer: nn.Module, cfg, hidden: int, tied: set[int], prefix: str = ""
@@ -311,6 +330,11 @@ def infer_layer(
     """The layout of decoder layer `index` (`prefix`: the layer list's name, for messages), and the table entries it
     used. A projection quantized by a library CoFiTune cannot train is refused by name."""
     blocks, loose = find_blocks(layer)
+    if any(b.kind == "cross_attention" for b in blocks) and not any(
+        b.kind not in ("cross_attention", "ffn") for b in blocks
+    ):  # a layer that only attends to an encoder's (or vision tower's) states; it is skipped without them
+        note = f"a cross-attention layer ({', '.join(b.path for b in blocks if b.kind == 'cross_attention')}); not trained"
+        return LayerLayout(index, ("cross_attention",), notes=(note,)), []
     for block in blocks:
         for path, module in block.linears.items():
             library = _compat.quantization_of(_base(module))

@@ -255,6 +255,12 @@ class ModelLayout:
         return any(kind in layer.kinds for layer in self.layers)
 
 
+def param_owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    """`(owner, name)` of parameter `dotted` (`"gate_up_proj"` or `"mlp.w1"`) of `module`."""
+    path, _, name = dotted.rpartition(".")
+    return (module.get_submodule(path) if path else module), name
+
+
 def full_shape(weight: torch.Tensor) -> torch.Size:
     """A weight's full shape, also under DeepSpeed ZeRO-3 `zero.Init` (empty local tensor) and for bitsandbytes 4-bit
     weights (packed bytes)."""

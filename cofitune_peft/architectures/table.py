@@ -79,3 +79,15 @@ def gated_query(cls: str, heads: int, head_dim: int, first: int) -> Segment | No
 #: Expert modules that keep each weight as a 2-D parameter with the experts folded into the rows, `[experts *
 #: intermediate, hidden]`: DBRX's `w1` (gate), `v1` (up) and `w2` (down, used as `x @ w2`, i.e. transposed).
 FOLDED_EXPERTS = {"DbrxExpertGLU": {"w1": "gate", "v1": "up", "w2": "down"}}
+
+
+#: Models whose decoder layers are reversible: their forward runs without autograd and is recomputed in backward, so
+#: a trained module inside them gets a gradient only when the layers' input requires grad (Reformer).
+REVERSIBLE = frozenset({"reformer"})
+
+
+def runs_layers_outside_autograd(model: nn.Module) -> bool:
+    """Whether `model`'s decoder layers are reversible (see `REVERSIBLE`)."""
+    from .config_read import model_type_of
+
+    return model_type_of(model) in REVERSIBLE

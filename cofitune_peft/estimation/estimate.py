@@ -19,7 +19,7 @@ from torch import nn
 
 from torch.nn.utils import parametrize
 
-from ..architectures import PARTS, ModelLayout, model_layout
+from ..architectures import PARTS, ModelLayout, model_layout, table
 from ..errors import CoFiTuneError
 from ..importance import Importance
 from .batches import _check_data, _describe, _loader_batches, _text_batches
@@ -114,7 +114,7 @@ def _estimate_raw(model: nn.Module, data, **settings) -> _Raw:
         total = len(range(rank, min(len(data), opts.num_samples or len(data)), world))
     bar = _progress_bar(total, disable=not opts.progress or rank != 0)
     gates, sums, num_tokens, num_seen = _accumulate(model, batches, parts, opts, bar)
-    flat_sums = torch.cat([s.detach().double().cpu() for s in sums])  # [total gate units]
+    flat_sums = torch.cat([s.detach().double().cpu().flatten() for s in sums])  # [total gate units]
     counts = torch.tensor([num_tokens, num_seen], dtype=torch.float64)
     if distributed:
         on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
@@ -143,6 +143,12 @@ def _accumulate(model: nn.Module, batches, parts: tuple[str, ...], opts: _Settin
     base = model.get_base_model() if is_peft else model
     layout = _estimation_layout(model, base, opts)
     parts = _layout_parts(layout, parts)
+    if table.runs_layers_outside_autograd(base):
+        raise CoFiTuneError(
+            f"{type(base).__name__} has reversible layers, which backpropagate only in train mode, where the model's "
+            "own dropout would add noise the KL proxy does not control; estimate_importance does not support it (the "
+            "coarse level trains: pass `importance=None`)."
+        )
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     device = model.get_input_embeddings().weight.device

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..architectures import EXPERT_PARTS, ModelLayout, base_of
+from ..architectures import EXPERT_PARTS, ModelLayout, base_of, param_owner
 from ..errors import CoFiTuneError
 
 
@@ -56,7 +56,8 @@ class _Gates:
     def _device(model: nn.Module, layout: ModelLayout, index: int) -> torch.device:
         for gate in layout.layers[index].gates:
             module = base_of(model.get_submodule(layout.key(index, gate.module)))
-            weight = getattr(module, gate.param or "weight", None)
+            owner, attr = param_owner(module, gate.param or "weight")
+            weight = getattr(owner, attr, None)
             if isinstance(weight, torch.Tensor):
                 return weight.device
         return next(model.parameters()).device
@@ -89,10 +90,11 @@ class _Gates:
                 inter = None if inter is None else inter[gate.first : gate.first + gate.count].unsqueeze(0)
                 out = None if out is None else out[gate.output_first : gate.output_first + gate.width].unsqueeze(0)
             if inter is not None or out is not None:
-                param = getattr(module, gate.param)
+                owner, attr = param_owner(module, gate.param)
+                param = getattr(owner, attr)
                 proxy = _ScaledWeight(inter, out, gate.out_dim, tuple(param.shape), gate.experts)
-                parametrize.register_parametrization(module, gate.param, proxy, unsafe=True)
-                self._parametrized.append((module, gate.param))
+                parametrize.register_parametrization(owner, attr, proxy, unsafe=True)
+                self._parametrized.append((owner, attr))
             self.handles.append(module.register_forward_hook(self._experts_out_hook(self.layout.hidden)))
 
     def flat(self) -> list[torch.Tensor]:
