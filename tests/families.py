@@ -133,6 +133,8 @@ def _shrink(values: dict) -> dict:
         out.update({k: HEADS for k in ("num_key_value_heads", "num_kv_heads") if k in out})
     if "rotary_dim" in values:
         out["rotary_dim"] = 8
+    if values.get("is_decoder") is False:  # an encoder family used as a causal LM (BERT, RoBERTa, ...)
+        out["is_decoder"] = True
     return out
 
 

@@ -7,6 +7,7 @@ package (the plan, the soft mask, the importance estimator, the memory model) wo
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from torch import nn
@@ -63,14 +64,30 @@ __all__ = [
 ]
 
 
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_layout(model: nn.Module, unit_map: dict[str, str] | None = None, layers_pattern: str | None = None):
     """The `ModelLayout` of `model` (a transformers model, not a PeftModel): from `unit_map` when given, else read
-    from the model. Raises `CoFiTuneError` naming what was found when nothing can be read."""
+    from the model. Raises `CoFiTuneError` naming what was found when nothing can be read.
+
+    The layout is kept with the model and read again when any module or parameter of its decoder layers changed
+    (wrapping them in CoFiTune layers, or replacing them).
+    """
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
+    key = (repr(sorted(unit_map.items())) if unit_map is not None else None, layers_pattern)
+    _, layers = find_decoder_layers(model, layers_pattern)
+    fingerprint = (id(layers), *(id(m) for m in layers.modules()), *(id(p) for p in layers.parameters()))
+    cached = _CACHE.get(model, {}).get(key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
     if unit_map is not None:
-        return unit_map_layout(model, unit_map, layers_pattern)
-    return infer_layout(model, layers_pattern)
+        layout = unit_map_layout(model, unit_map, layers_pattern)
+    else:
+        layout = infer_layout(model, layers_pattern)
+    _CACHE.setdefault(model, {})[key] = (fingerprint, layout)
+    return layout
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,12 @@ def is_linear_like(module: nn.Module) -> bool:
         return True
     if isinstance(getattr(base, "in_features", None), int) and isinstance(getattr(base, "out_features", None), int):
         return True
-    return not any(True for _ in base.children()) and _compat.quantization_of(base) is not None
+    if base._modules or not (base._parameters or base._buffers):
+        return False
+    weight = base._parameters.get("weight")
+    if type(weight) is nn.Parameter and weight.is_floating_point() and not ({"qweight", "W_q"} & set(base._buffers)):
+        return False  # a plain floating-point leaf (a norm, an embedding)
+    return _compat.quantization_of(base) is not None
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -91,17 +96,21 @@ class Block:
     experts: dict[str, dict[str, object]] = field(default_factory=dict)  # owner path inside the block -> params
 
 
-def _classify(name: str, module: nn.Module) -> str | None:
+def _classify(name: str, module: nn.Module, prefix: str = "") -> str | None:
+    """The block kind of `module` from its class name, read without the model's own prefix first (Kimi-Linear's
+    full attention is `KimiLinearAttention`, not a linear attention), then whole (`xLSTMLayer`)."""
     cls = type(unwrap(module)).__name__
-    for kind, pattern in MIXERS:
-        if pattern.search(cls):
-            return kind
     if name.rsplit(".", 1)[-1].lower() in CROSS_NAMES or "Cross" in cls:
         return "cross_attention"
-    if FFN_CLASS.search(cls):
-        return "ffn"
-    if ATTENTION.search(cls):
-        return "attention"
+    names = [cls[len(prefix) :]] if prefix and cls.startswith(prefix) and len(cls) > len(prefix) else []
+    for candidate in (*names, cls):
+        for kind, pattern in MIXERS:
+            if pattern.search(candidate):
+                return kind
+        if FFN_CLASS.search(candidate):
+            return "ffn"
+        if ATTENTION.search(candidate):
+            return "attention"
     if name.rsplit(".", 1)[-1] in FFN_NAMES:
         return "ffn"
     return None
@@ -115,7 +124,7 @@ def _walk(module: nn.Module, prefix: str = ""):
         yield (f"{prefix}.{name}" if prefix else name), child
 
 
-def _collect(block: Block, module: nn.Module, prefix: str, nested: list[Block]) -> None:
+def _collect(block: Block, module: nn.Module, prefix: str, nested: list[Block], model_prefix: str = "") -> None:
     """Fill `block` with the linears and expert weights under `module`; FFN containers found inside become blocks of
     their own (`nested`: a MoE block's shared experts)."""
     params = expert_params(module)
@@ -131,16 +140,20 @@ def _collect(block: Block, module: nn.Module, prefix: str, nested: list[Block]) 
         if expert_params(child):
             block.experts[path] = expert_params(child)
             continue
-        if block.kind == "ffn" and _classify(path, child) == "ffn" and not isinstance(unwrap(child), nn.ModuleList):
+        kind = _classify(path, child, model_prefix)
+        if block.kind == "ffn" and kind == "ffn" and not isinstance(unwrap(child), nn.ModuleList):
             sub = Block("ffn", path, child)
             nested.append(sub)
-            _collect(sub, child, path, nested)
+            _collect(sub, child, path, nested, model_prefix)
             continue
-        _collect(block, child, path, nested)
+        _collect(block, child, path, nested, model_prefix)
 
 
-def find_blocks(layer: nn.Module) -> tuple[list[Block], dict[str, nn.Module]]:
-    """The blocks of a decoder layer, and the linears that lie outside every block (`loose`), by path."""
+def find_blocks(layer: nn.Module, model_prefix: str = "") -> tuple[list[Block], dict[str, nn.Module]]:
+    """The blocks of a decoder layer, and the linears that lie outside every block (`loose`), by path.
+
+    `model_prefix` is the model's class-name prefix (`"Llama"` of `LlamaForCausalLM`), read off its modules' names.
+    """
     blocks: list[Block] = []
     loose: dict[str, nn.Module] = {}
 
@@ -153,23 +166,29 @@ def find_blocks(layer: nn.Module) -> tuple[list[Block], dict[str, nn.Module]]:
             if cls.endswith("Norm") and not re.search(r"Attention|MLP|FFN", cls):  # an adaptive norm's own small MLP is not the layer's FFN
                 loose.update({f"{path}.{n}": m for n, m in child.named_modules() if n and is_linear_like(m)})
                 continue
-            kind = _classify(path, child)
+            kind = _classify(path, child, model_prefix)
             if kind is None or isinstance(unwrap(child), nn.ModuleList):
                 if expert_params(child):
                     block = Block("ffn", path, child)
                     blocks.append(block)
-                    _collect(block, child, path, blocks)
+                    _collect(block, child, path, blocks, model_prefix)
                 else:
                     visit(child, path)
                 continue
             block = Block(kind, path, child)
             blocks.append(block)
             nested: list[Block] = []
-            _collect(block, child, path, nested)
+            _collect(block, child, path, nested, model_prefix)
             blocks.extend(nested)
 
     visit(layer, "")
     return blocks, loose
+
+
+def model_prefix(model: nn.Module) -> str:
+    """The class-name prefix of a model's own modules: `"KimiLinear"` of `KimiLinearForCausalLM`."""
+    match = re.match(r"^(.+?)(For[A-Z]\w*|LMHeadModel|WithLMHead\w*|Model|Decoder)$", type(model).__name__)
+    return match.group(1) if match else ""
 
 
 def loose_ffn(loose: dict[str, nn.Module]) -> Block | None:

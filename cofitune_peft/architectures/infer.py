@@ -13,7 +13,7 @@ from torch import nn
 from .. import _compat
 from ..errors import CoFiTuneError
 from . import table
-from .blocks import Block, find_blocks, linear_dims, loose_ffn, unwrap
+from .blocks import Block, find_blocks, linear_dims, loose_ffn, model_prefix, unwrap
 from .config_read import EXPERTS, HEADS, HIDDEN, first_int, layer_config, model_config, model_type_of, read
 from .layout import EXPERT_PARTS, Gate, LayerLayout, ModelLayout, full_shape, interleaved, plain, seg
 from .locate import find_decoder_layers
@@ -25,6 +25,7 @@ ATTN_ROLES = {
     **dict.fromkeys(("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out_lin", "attention_out", "proj"), "o"),
     **dict.fromkeys(("qkv_proj", "query_key_value", "c_attn", "wqkv", "qkv", "w_pack"), "qkv"),
     "query_key": "qk", "q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b",
+    "q_gate_proj": "q_gate",
 }  # fmt: skip
 FFN_DOWN = {"down_proj", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "w2", "wo", "w_out", "proj_down", "output_linear",
             "layer_2", "lin2", "linear_fc2", "down", "fc_2", "value", "output"}  # fmt: skip
@@ -99,7 +100,8 @@ def read_attention(block: Block, cfg, first: int) -> tuple[list, Gate, int, str]
     o_path, o = found["o"]
     head_v = _exact(linear_dims(o)[0], heads, f"{o_path} input features for {heads} heads")
     if {"q_a", "q_b", "kv_a", "kv_b"} & set(found):
-        mods, note = _mla(found, full, heads, head_v, first), ""
+        mods = _mla(found, full, cls, heads, head_v, first)
+        note = f"table: {cls} query rows hold a gate per head" if "q_gate" in found else ""
     elif "qkv" in found:
         mods, note = _fused_qkv(found, full, module, cls, heads, head_v, first)
     else:
@@ -109,7 +111,7 @@ def read_attention(block: Block, cfg, first: int) -> tuple[list, Gate, int, str]
 
 
 def _separate_qkv(found, full, module, cls, heads, head_v, first):
-    query = found.get("q") or found.get("qk")
+    query = found.get("q") or found.get("qk") or found.get("q_gate")
     missing = [r for r, ok in (("query", query), ("value", "v" in found), ("key", "k" in found or "qk" in found)) if not ok]
     if missing:
         raise Unreadable(f"no {' or '.join(missing)} projection (found {sorted(found)})")
@@ -118,6 +120,8 @@ def _separate_qkv(found, full, module, cls, heads, head_v, first):
     v_out = linear_dims(v)[1]
     kv = _kv_heads(module, heads) or _exact(v_out, head_v, f"{v_path} output features for head dim {head_v}")
     gated = cls in table.GATED_QUERY
+    if "q_gate" in found and not gated:
+        raise Unreadable(f"a fused query-and-gate projection {found['q_gate'][0]} of a layout not in the table")
     head_qk = _exact(q_out, heads * (2 if gated else 1), f"{query[0]} output features for {heads} heads")
     if "k" in found:
         k_path, k = found["k"]
@@ -158,11 +162,13 @@ def _fused_qkv(found, full, module, cls, heads, head_v, first):
     return [ModuleLayout(full(path), "out", groups)], f"table: {note}"
 
 
-def _mla(found, full, heads, head_v, first):
+def _mla(found, full, cls, heads, head_v, first):
     """Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value projections, read as such."""
     missing = [r for r in ("kv_a", "kv_b") if r not in found]
-    if missing or not ({"q", "q_b"} & set(found)):
+    if missing or not ({"q", "q_b", "q_gate"} & set(found)):
         raise Unreadable(f"a latent-attention layout without {missing or ['a query projection']} (found {sorted(found)})")
+    if "q_gate" in found and cls not in table.GATED_QUERY:
+        raise Unreadable(f"a fused query-and-gate projection {found['q_gate'][0]} of a layout not in the table")
     kv_b_path, kv_b = found["kv_b"]
     rank, kv_b_out = linear_dims(kv_b)
     nope = _exact(kv_b_out, heads, f"{kv_b_path} output features for {heads} heads") - head_v
@@ -170,13 +176,14 @@ def _mla(found, full, heads, head_v, first):
     rope = linear_dims(kv_a)[1] - rank
     if nope <= 0 or rope < 0:
         raise Unreadable(f"{kv_b_path}/{kv_a_path} widths do not fit {heads} heads of value size {head_v}")
-    q_path, q = found.get("q_b") or found["q"]
-    _check(linear_dims(q)[1], heads * (nope + rope), f"{q_path} output features ({heads} heads x {nope + rope})")
+    q_path, q = found.get("q_b") or found.get("q") or found["q_gate"]
+    per_head = nope + rope + (head_v if "q_gate" in found else 0)  # a fused gate: each head's query, then its gate
+    _check(linear_dims(q)[1], heads * per_head, f"{q_path} output features ({heads} heads x {per_head})")
     mods = []
     if "q_a" in found:
         qa_path, qa = found["q_a"]
         mods.append(plain(full(qa_path), "out", seg("q", None, count=linear_dims(qa)[1])))
-    mods.append(plain(full(q_path), "out", seg("q", "heads", first, heads, nope + rope)))
+    mods.append(plain(full(q_path), "out", seg("q", "heads", first, heads, per_head)))
     latent = [seg(("k", "v"), None, count=rank)] + ([seg("k", None, count=rope)] if rope else [])
     mods.append(plain(full(kv_a_path), "out", *latent))
     mods.append(
@@ -325,11 +332,12 @@ def _owner(block: Block, owner: str) -> nn.Module:
     return module
 
 def infer_layer(
-    index: int, layer: nn.Module, cfg, hidden: int, tied: set[int], prefix: str = ""
+    index: int, layer: nn.Module, cfg, hidden: int, tied: set[int], prefix: str = "", class_prefix: str = ""
 ) -> tuple[LayerLayout, list[str]]:
-    """The layout of decoder layer `index` (`prefix`: the layer list's name, for messages), and the table entries it
-    used. A projection quantized by a library CoFiTune cannot train is refused by name."""
-    blocks, loose = find_blocks(layer)
+    """The layout of decoder layer `index` (`prefix`: the layer list's name, for messages; `class_prefix`: the model's
+    class-name prefix), and the table entries it used. A projection quantized by a library CoFiTune cannot train is
+    refused by name."""
+    blocks, loose = find_blocks(layer, class_prefix)
     if any(b.kind == "cross_attention" for b in blocks) and not any(
         b.kind not in ("cross_attention", "ffn") for b in blocks
     ):  # a layer that only attends to an encoder's (or vision tower's) states; it is skipped without them
@@ -476,7 +484,7 @@ def infer_layout(model: nn.Module, layers_pattern: str | None = None) -> ModelLa
     tied = tied_weights(layer_list)
     layers, used = [], []
     for i, layer in enumerate(layer_list):
-        layout, notes = infer_layer(i, layer, layer_config(cfg, i), hidden, tied, path)
+        layout, notes = infer_layer(i, layer, layer_config(cfg, i), hidden, tied, path, model_prefix(model))
         layers.append(layout)
         used += [n for n in notes if n not in used]
     result = ModelLayout(path, tuple(layers), hidden, "; ".join(["inferred", *used]))

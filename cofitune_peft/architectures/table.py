@@ -20,10 +20,14 @@ from .layout import Segment, seg
 PER_HEAD_QKV = frozenset({"GPTNeoXAttention", "GPTNeoXJapaneseAttention", "BloomAttention", "PersimmonAttention"})
 
 #: Query projections that hold, per head, the query and an output gate (`view(..., heads, 2 * head_dim)` then
-#: `chunk(2)`): Qwen3-Next's gated attention and the models built on it.
+#: `chunk(2)`): Qwen3-Next's gated attention and the models built on it, MiniCPM5's `q_gate_proj`, and A.X-K2's
+#: latent attention (`q_gate_proj`: per head the query, then a gate as wide as a value head).
 GATED_QUERY = frozenset(
-    {"Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention", "Qwen4ExpTextAttention", "Qwen4ExpAttention"}
-)
+    {
+        "Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention", "Qwen4ExpTextAttention",
+        "MiniCPM5MoeAttention", "AXK2Attention",
+    }
+)  # fmt: skip
 
 
 def fused_qkv(cls: str, module: nn.Module, heads: int, kv_heads: int, head_dim: int, first: int):

@@ -131,12 +131,12 @@ def meta_model(config) -> nn.Module:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = getattr(cfg, "num_hidden_layers", None)
-    for _name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and len(module) > 0:
-            return module
-    raise CoFiTuneError("no ModuleList of `num_hidden_layers` decoder layers found; is this a decoder-only LM?")
+    """The text decoder's layer list (the one CoFiTune trains; never a vision or audio tower's)."""
+    from cofitune_peft.architectures import find_decoder_layers
+
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return find_decoder_layers(model)[1]
 
 
 def _unique_numel(params) -> int:
@@ -162,7 +162,8 @@ class Shapes:
     total_params: int
     layer_linear_params: int  # weights of the nn.Linear modules inside the decoder layers (what bnb quantises)
     linears: list[list[tuple[str, int, int]]]  # per layer: (name, in_features, out_features)
-    cofitune: dict = field(default_factory=dict)  # (layers, target_modules) -> (trainable, window, {layer: [names]})
+    # (layers, parts) -> (trainable, window, {layer: [names]}, soft-mask rows: a scale per row, per expert for experts)
+    cofitune: dict = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> Shapes:
@@ -188,15 +189,17 @@ class Shapes:
         )
 
 
-def cofitune_plan(config, layers: tuple[int, int] | None = None, target_modules="ffn") -> tuple[int, tuple, dict]:
-    """`(trainable params, window, {layer: [wrapped module names]})` of a CoFiTune adapter, from `get_peft_model`
-    on a meta model (the real plan: default window, shorthands, architecture layouts)."""
+def cofitune_plan(config, layers: tuple[int, int] | None = None, target_modules="ffn") -> tuple[int, tuple, dict, int]:
+    """`(trainable params, window, {layer: [wrapped module names]}, soft-mask rows)` of a CoFiTune adapter, from
+    `get_peft_model` on a meta model (the real plan: default window, `parts` shorthands, layouts read from the model,
+    mixture-of-experts layers with a full-size delta and a soft mask per expert). `target_modules` is the selection
+    (`CoFiTuneConfig.parts`)."""
     from peft import get_peft_model
 
     from cofitune_peft import CoFiTuneConfig
 
     with torch.device("meta"):
-        peft_model = get_peft_model(meta_model(config), CoFiTuneConfig(layers=layers, target_modules=target_modules))
+        peft_model = get_peft_model(meta_model(config), CoFiTuneConfig(layers=layers, parts=target_modules))
     layer_list = _decoder_layers(peft_model)
     wrapped: dict[int, list[str]] = {}
     for index, layer in enumerate(layer_list):
@@ -205,7 +208,8 @@ def cofitune_plan(config, layers: tuple[int, int] | None = None, target_modules=
             wrapped[index] = sorted(set(names))
     trainable = _unique_numel(p for p in peft_model.parameters() if p.requires_grad)
     window = tuple(peft_model.peft_config["default"].layers)
-    return trainable, window, wrapped
+    rows = sum(b.numel() for n, b in peft_model.named_buffers() if ".cofitune_scale." in n)
+    return trainable, window, wrapped, rows
 
 
 @dataclass
@@ -290,12 +294,12 @@ class MemoryModel:
         return self.trainable_params() * self.c if self.optimizer == "adamw" else 0
 
     def buffers(self) -> float:
-        """CoFiTune's soft-mask scales and row selections: two fp32 values per row of each wrapped module, and in
-        `update`/`gradient` mode a third (the broadcast factor); 0 for the other methods and for `none`."""
+        """CoFiTune's soft-mask scales and row selections: two fp32 values per row of each wrapped module (per row of
+        each expert for fused expert weights), and in `update`/`gradient` mode a third (the broadcast factor); 0 for
+        the other methods."""
         if self.method != "cofitune":
             return 0
-        rows = sum(o for layer, names in self.plan[2].items() for n, _, o in self.s.linears[layer] if n in names)
-        return rows * 4 * (2 if self.mask_mode == "none" else 3)
+        return self.plan[3] * 4 * (2 if self.mask_mode == "none" else 3)
 
     # ---- activations -------------------------------------------------------------------------------------------
     def layers_in_backward(self) -> int:

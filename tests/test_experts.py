@@ -1,0 +1,156 @@
+"""Mixture-of-experts layers: a delta per expert on the fused expert weights, the soft mask and importance per expert
+unit, save/load in a fresh process, merge, the memory model and the refusals where a LoRA cannot express them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from families import tiny_config
+from peft import PeftModel, get_peft_model
+from sweep import _loader, _model
+
+from cofitune_peft import CoFiTuneConfig, CoFiTuneError, Importance, estimate_importance, set_importance
+from cofitune_peft.architectures import model_layout
+from cofitune_peft.experts import ExpertsLayer
+
+HERE = os.path.dirname(__file__)
+IDS = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _train(pm, steps=2):
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    pm.train()
+    for _ in range(steps):
+        logits = pm(input_ids=IDS).logits.float()
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), IDS[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    return pm
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_moe"])
+def test_each_expert_trains_its_own_delta_masked_per_expert_unit(family):
+    base = _model(family)
+    layout = model_layout(base)
+    experts, units = layout.experts(), layout.widths()["expert_intermediate"]
+    # an importance that protects expert 1's first intermediate unit in every layer, and nothing else
+    inter = torch.zeros(layout.num_layers, experts, units)
+    inter[:, 1, 0] = 1.0
+    imp = Importance(expert_intermediate=inter, expert_output=torch.zeros(layout.num_layers, experts, 64), normalized=True)
+    pm = get_peft_model(base, CoFiTuneConfig(parts="ffn", layers=(0, 4), importance=imp))
+    layer = next(m for m in pm.modules() if isinstance(m, ExpertsLayer))
+    gate_up = layer.params("default")[0] if "gate_up" in layer.params("default")[0] else layer.params("default")[1]
+    scale = layer.cofitune_scale["default"].get(gate_up)  # [experts, rows]
+    rows = layer.cofitune_rows["default"].get(gate_up)
+    assert scale.shape[0] == experts and torch.equal(rows[0], rows[1])  # the same rows train in every expert
+    assert (scale[1][rows[1] > 0] == 0).sum() == 1 and scale[0].min() == 1  # only expert 1's unit 0 is frozen
+    delta = layer.cofitune_delta["default"]
+    before = {k: d.weight.detach().clone() for k, d in delta.items()}
+    _train(pm)
+    moved = [int((d.weight != before[k]).flatten(1).any(1).sum()) for k, d in delta.items()]
+    assert all(m > 0 for m in moved)  # experts that saw tokens moved, each with its own delta
+
+
+def test_moe_adapter_saved_loads_in_a_fresh_process_with_the_same_logits_and_merges(tmp_path):
+    base = _model("gpt_oss")  # transposed, interleaved gate/up experts
+    base.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(base, CoFiTuneConfig(parts="ffn+mha", layers=(1, 3)))
+    _train(pm)
+    set_importance(pm, estimate_importance(pm, _loader(IDS), num_samples=2, progress=False))
+    with torch.no_grad():
+        expected = pm(input_ids=IDS).logits
+    pm.save_pretrained(tmp_path / "adapter")
+    keys = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert keys["parts"] == "ffn+mha" and "mlp.experts" in keys["target_modules"]
+    out = tmp_path / "logits.pt"
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {HERE!r})
+        import cofitune_peft
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r}), {str(tmp_path / "adapter")!r})
+        with torch.no_grad():
+            torch.save(torch.stack([model(input_ids=ids).logits, model.merge_and_unload()(input_ids=ids).logits]), {str(out)!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    loaded, merged = torch.load(out)
+    assert torch.equal(loaded, expected)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_unmerge_round_trip_and_disable_on_experts():
+    pm = get_peft_model(_model("mixtral"), CoFiTuneConfig(layers=(0, 4), init_weights=False))
+    with torch.no_grad():
+        base = pm.get_base_model()
+        with pm.disable_adapter():
+            plain = pm(input_ids=IDS).logits
+        adapted = pm(input_ids=IDS).logits
+        assert not torch.allclose(plain, adapted)
+        weights = [p.detach().clone() for n, p in base.named_parameters() if "experts" in n and "cofitune" not in n]
+        pm.merge_adapter()
+        torch.testing.assert_close(pm(input_ids=IDS).logits, adapted, rtol=1e-4, atol=1e-5)
+        pm.unmerge_adapter()
+        after = [p for n, p in base.named_parameters() if "experts" in n and "cofitune" not in n]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights, after))
+        assert torch.equal(pm(input_ids=IDS).logits, adapted)
+
+
+def _never_route_expert_3(self, hidden_states):
+    logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    logits = logits.masked_fill(torch.arange(logits.shape[-1]) == 3, float("-inf"))
+    top, index = torch.topk(torch.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+    return logits, top / top.sum(dim=-1, keepdim=True), index
+
+
+def test_expert_importance_comes_only_through_the_tokens_routed_to_the_expert():
+    import types
+
+    model = _model("mixtral")
+    for layer in model.model.layers:  # expert 3 is never routed
+        layer.mlp.gate.forward = types.MethodType(_never_route_expert_3, layer.mlp.gate)
+    imp = estimate_importance(model, _loader(IDS), num_samples=2, progress=False, normalization="abs_tanh")
+    assert imp.expert_intermediate.shape == (4, 4, 96)
+    assert torch.equal(imp.expert_intermediate[:, 3], torch.zeros(4, 96))  # no gradient, no ranking
+    assert (imp.expert_intermediate[:, :3].amax(-1) > 0).all()
+
+
+def test_lora_export_of_expert_deltas_is_refused_by_name():
+    from cofitune_peft.model import convert_to_lora
+
+    pm = get_peft_model(_model("qwen3_moe"), CoFiTuneConfig(layers=(0, 2)))
+    with pytest.raises(CoFiTuneError, match=r"fused expert parameters .* `--to merged`"):
+        convert_to_lora(pm, 4)
+    from peft.tuners.lora.conversion import convert_to_lora as peft_convert
+
+    with pytest.raises(TypeError, match="ExpertsLayer"):
+        peft_convert(pm, 4)
+    with pytest.raises(CoFiTuneError, match="mixed-adapter batch|cannot route"):
+        pm.eval()
+        pm(input_ids=IDS, adapter_names=["default", "__base__"])
+
+
+def test_mha_on_a_moe_family_trains_only_attention():
+    pm = get_peft_model(_model("deepseek_v3"), CoFiTuneConfig(parts="mha", layers=(0, 4)))
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all("self_attn" in n for n in trainable)
+    assert not any(isinstance(m, ExpertsLayer) for m in pm.modules())
+
+
+def test_memory_model_counts_every_expert():
+    from cofitune_peft.kit.memory import estimate_training_memory
+
+    config = tiny_config("mixtral")
+    est = estimate_training_memory(config, "cofitune", layers=(0, 4), target_modules="ffn", dtype="float32")
+    model = _model("mixtral")
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert est.trainable_params == expert  # every expert's gate_up and down, full size
+    assert est.components["buffers"] > 0
