@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import _compat
+from . import table
 from .layout import full_shape
 
 MIXERS = (
@@ -80,7 +81,7 @@ def expert_params(module: nn.Module) -> dict[str, object]:
         return {}
     out = {}
     for pname, param in module.named_parameters(recurse=False):
-        if len(full_shape(param)) == 3 or (name == "DbrxExpertGLU" and len(full_shape(param)) == 2):
+        if len(full_shape(param)) == 3 or (name in table.FOLDED_EXPERTS and len(full_shape(param)) == 2):
             out[pname] = param
     return out
 
