@@ -296,7 +296,9 @@ class CoFiTuneConfig(PeftConfig):
                     f"or module names, got {parts!r}."
                 )
         elif not _is_names(parts):
-            problems.append(f"`parts` must be a shorthand string or a non-empty list of roles or names, got {parts!r}.")
+            problems.append(
+                f"`parts` must be a shorthand string or a non-empty list of roles or names, got {parts!r}."
+            )
         self.parts, self.target_modules = parts, tm
         return problems
 

@@ -162,7 +162,9 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
         forward = forward if strength == 1.0 else forward * strength
         backward = rows * scale if self.cofitune_mode[adapter_name] == "gradient" else rows
         weight = self._param(name)
-        broadcast = self._view(name, full_shape(weight), forward.shape[0], self.cofitune_dims[adapter_name][name], forward)
+        broadcast = self._view(
+            name, full_shape(weight), forward.shape[0], self.cofitune_dims[adapter_name][name], forward
+        )
         return broadcast(forward), broadcast(backward)
 
     def delta(self, adapter_name: str, name: str) -> torch.Tensor:

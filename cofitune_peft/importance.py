@@ -23,6 +23,7 @@ import torch
 from .architectures import EXPERT_PARTS, PARTS, ModelLayout, model_layout
 from .errors import CoFiTuneError
 from .utils import atomic_path
+
 FORMAT = "cofitune-importance"
 FORMAT_VERSION = "1"
 
@@ -79,7 +80,9 @@ def _check_tensor(name: str, value: Any, normalized: bool) -> torch.Tensor | Non
     dims = 3 if name in EXPERT_PARTS else 2
     if value.dim() != dims or 0 in value.shape:
         shape = "[layers, experts, units]" if dims == 3 else "[layers, units]"
-        raise CoFiTuneError(f"`{name}` must be a {dims}-D tensor {shape} with sizes > 0, got shape {tuple(value.shape)}.")
+        raise CoFiTuneError(
+            f"`{name}` must be a {dims}-D tensor {shape} with sizes > 0, got shape {tuple(value.shape)}."
+        )
     value = value.detach().float().cpu()
     if not torch.isfinite(value).all():
         bad = int((~torch.isfinite(value)).sum())

@@ -17,7 +17,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import _compat
-from .architectures import find_decoder_layers, table
+from .architectures import table
+from .checkpointing import fix_input_grads
 from .config import CoFiTuneConfig, describe_importance, strength_problems
 from .errors import CoFiTuneError
 from .experts import ExpertsLayer
@@ -110,7 +111,7 @@ class CoFiTuneModel(BaseTuner):
             model.enable_input_require_grads()
         if getattr(self, "_cofitune_input_grad_hook", None) is None:
             self._cofitune_input_grad_hook = model.register_forward_pre_hook(
-                functools.partial(_fix_input_grads, self), with_kwargs=True
+                functools.partial(fix_input_grads, self), with_kwargs=True
             )
             self._cofitune_window_hook = None
             # Where `enable_input_require_grads` leaves its hooks; looked up once, checked every forward.
@@ -261,7 +262,9 @@ class CoFiTuneModel(BaseTuner):
         for _, layer in self.expert_layers():
             if adapter_name in layer.cofitune_scale:
                 for name in layer.params(adapter_name):
-                    pairs.append((layer.cofitune_scale[adapter_name].get(name), layer.cofitune_rows[adapter_name].get(name)))
+                    pairs.append(
+                        (layer.cofitune_scale[adapter_name].get(name), layer.cofitune_rows[adapter_name].get(name))
+                    )
         for scale, rows in pairs:
             rows = rows > 0
             scale = scale[rows]
@@ -366,7 +369,9 @@ class CoFiTuneModel(BaseTuner):
                 f"`adapter_names` must be a list with one adapter name (or '__base__') per batch row, got "
                 f"{adapter_names!r}."
             )
-        experts = [name for name, layer in self.expert_layers() if any(a in layer.cofitune_delta for a in adapter_names)]
+        experts = [
+            name for name, layer in self.expert_layers() if any(a in layer.cofitune_delta for a in adapter_names)
+        ]
         if experts:
             raise CoFiTuneError(
                 f"`adapter_names` cannot route batch rows through CoFiTune adapters on fused expert parameters "
@@ -387,70 +392,6 @@ class CoFiTuneModel(BaseTuner):
                 "the base model."
             )
         return list(adapter_names)
-
-
-def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
-    """Forward pre-hook: undo `enable_input_require_grads`, which drags every layer into the backward pass.
-
-    Trainer and TRL call it whenever PEFT and gradient checkpointing meet. With non-reentrant checkpointing (the
-    transformers default) or none, autograd needs no help, so the hook is simply removed. Reentrant checkpointing does
-    need a grad-requiring input to a checkpointed layer that holds trainable weights; we give it to the lowest such
-    layer instead of to the embeddings, so the layers below it still stay out of the backward pass.
-    """
-    if not module.training or tuner._cofitune_reversible:
-        return None
-    found = _compat.input_grad_hooks(tuner._cofitune_embeddings)
-    if not found:
-        return None
-    configs = [tuner.peft_config[a] for a in tuner.active_adapters if a in tuner.peft_config]
-    if not configs or not all(getattr(c, "fix_input_grads", False) for c in configs):
-        return None
-    trainable_layers = _lowest_trainable_layer(tuner)
-    if trainable_layers is None:
-        return None
-    lowest, layer_module = trainable_layers
-    reentrant = _compat.reentrant_checkpointing(module)
-    _compat.remove_input_grad_hooks(module, found)
-    if reentrant and tuner._cofitune_window_hook is None:
-        tuner._cofitune_window_hook = layer_module.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
-        logger.info(
-            "CoFiTune: removed the input-require-grads hook; reentrant checkpointing gets a grad-requiring input at "
-            "layer %d instead, so layers below it stay out of the backward pass.",
-            lowest,
-        )
-    else:
-        logger.info(
-            "CoFiTune: removed the input-require-grads hook; layers below %d stay out of the backward pass.", lowest
-        )
-    return None
-
-
-def _inputs_require_grad(module, args, kwargs):
-    def mark(t):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad:
-            return t.detach().requires_grad_(True)
-        return t
-
-    if not (module.training and torch.is_grad_enabled()):
-        return None
-    if args:
-        return (mark(args[0]), *args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        kwargs = dict(kwargs, hidden_states=mark(kwargs["hidden_states"]))
-    return args, kwargs
-
-
-def _lowest_trainable_layer(tuner: CoFiTuneModel) -> tuple[int, nn.Module] | None:
-    patterns = {getattr(cfg, "layers_pattern", None) for cfg in tuner.peft_config.values()}
-    for pattern in sorted(patterns, key=str):
-        try:
-            _, layers = find_decoder_layers(tuner.model, pattern)
-        except CoFiTuneError:
-            continue
-        for index, layer in enumerate(layers):
-            if any(p.requires_grad for p in layer.parameters()):
-                return index, layer
-    return None
 
 
 def _is_adapter_key(key: str, adapter_name: str) -> bool:

@@ -7,6 +7,7 @@ fine level's soft mask.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .errors import CoFiTuneError
 from .importance import Importance, mean_one_factor, module_scale
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class PlanEntry:
@@ -108,7 +110,7 @@ def build_plan(model: nn.Module, config: CoFiTuneConfig, importance: Importance 
             size = _checked_size(model, key, module_layout)
             scale, missing = module_scale(importance, index, module_layout)
             uncovered.update(missing)
-            rows = module_layout.expand(lambda s: _row_selected(s, selected, module_layout, key))
+            rows = module_layout.expand(functools.partial(_row_selected, selected=selected, key=key))
             if module_layout.experts:
                 rows = rows.expand(module_layout.experts, -1) if rows.dim() == 1 else rows
                 scale = scale.expand(module_layout.experts, -1) if scale.dim() == 1 else scale
@@ -140,7 +142,7 @@ def _selected(module_layout: ModuleLayout, key: str, roles, names) -> frozenset[
     return module_layout.roles & roles
 
 
-def _row_selected(segment, selected: frozenset[str], module_layout: ModuleLayout, key: str) -> torch.Tensor:
+def _row_selected(segment, selected: frozenset[str], key: str) -> torch.Tensor:
     if "*" in selected or segment.roles <= selected:
         return torch.ones(segment.count)
     if segment.roles & selected:

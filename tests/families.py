@@ -118,8 +118,15 @@ def _shrink(values: dict) -> dict:
     spare = iter(range(100, VOCAB))
     for key, value in values.items():
         if isinstance(value, dict) and "model_type" in value:
-            layers = next((value[k] for k in ("num_hidden_layers", "num_layers", "n_layer") if isinstance(value.get(k), int)), None)
-            kept = {k: v for k, v in value.items() if k != "per_layer_config" and not (isinstance(v, list) and len(v) == layers)}
+            layers = next(
+                (value[k] for k in ("num_hidden_layers", "num_layers", "n_layer") if isinstance(value.get(k), int)),
+                None,
+            )
+            kept = {
+                k: v
+                for k, v in value.items()
+                if k != "per_layer_config" and not (isinstance(v, list) and len(v) == layers)
+            }
             out[key] = {**kept, **_shrink(value), **EXTRA.get(value["model_type"], {})}
         elif key in _SIZES and (value is None or (isinstance(value, int) and not isinstance(value, bool))):
             out[key] = _SIZES[key]

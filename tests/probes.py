@@ -23,7 +23,11 @@ def _rows(module_layout, role: str, unit: int) -> torch.Tensor:
         units = torch.arange(s.first, s.first + s.count, dtype=torch.float32) if s.group == 1 else (
             torch.arange(s.count, dtype=torch.float32) * s.group + s.first
         )  # fmt: skip
-        hit = (units <= unit) & (unit < units + s.group) if role in s.roles and s.part else torch.zeros(s.count, dtype=torch.bool)
+        hit = (
+            (units <= unit) & (unit < units + s.group)
+            if role in s.roles and s.part
+            else torch.zeros(s.count, dtype=torch.bool)
+        )
         return hit.float()
 
     return module_layout.expand(values) > 0
@@ -96,7 +100,9 @@ def probe_layer(model: nn.Module, layout: ModelLayout, index: int, ids: torch.Te
                 roles = module_layout.roles & {"up", "gate"}
                 if module_layout.param or not roles:
                     continue
-                if not any(s.part == "intermediate" and s.first <= unit < s.first + s.count for s in module_layout.segments):
+                if not any(
+                    s.part == "intermediate" and s.first <= unit < s.first + s.count for s in module_layout.segments
+                ):
                     continue
                 module = model.get_submodule(layout.key(index, module_layout.name))
                 for role in sorted(roles):
@@ -108,11 +114,15 @@ def probe_layer(model: nn.Module, layout: ModelLayout, index: int, ids: torch.Te
                         restore()
                     cols = {c for c in range(deltas[0].shape[-1]) if deltas[0][:, c].abs().max() > 1e-9}
                     if cols != {unit - gate.first}:
-                        problems.append(f"{module_layout.name}: {role} rows of unit {unit} changed columns {sorted(cols)}")
+                        problems.append(
+                            f"{module_layout.name}: {role} rows of unit {unit} changed columns {sorted(cols)}"
+                        )
                         continue
                     col = unit - gate.first
                     first, second = deltas[0][:, col], deltas[1][:, col]
                     linear = torch.allclose(second, 2 * first, rtol=1e-3, atol=1e-4 * float(first.abs().max()))
                     if gated and linear != (role == "up"):
-                        problems.append(f"{module_layout.name}: rows labelled {role} enter unit {unit} {'linearly' if linear else 'non-linearly'}")
+                        problems.append(
+                            f"{module_layout.name}: rows labelled {role} enter unit {unit} {'linearly' if linear else 'non-linearly'}"
+                        )
     return problems

@@ -63,10 +63,12 @@ def _logits(model, ids):
 
 
 def _loader(ids):
-    return torch.utils.data.DataLoader([{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids], batch_size=2)
+    return torch.utils.data.DataLoader(
+        [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids], batch_size=2
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def outcome(family: str, part: str) -> Outcome:
     """What CoFiTune does with `family` for `parts=part` (cached: the test and the doc check share one run)."""
     from families import NOT_BUILT
@@ -81,7 +83,7 @@ def outcome(family: str, part: str) -> Outcome:
             return _run(family, part)
     except CoFiTuneError as err:
         return Outcome("refused", str(err).split("\n")[0], _layout_source(family))
-    except Exception as err:  # noqa: BLE001 (the sweep reports every failure as a row of its table)
+    except Exception as err:
         return Outcome("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
 
 
@@ -97,13 +99,11 @@ def _layout_source(family: str) -> str:
 
 def _run(family: str, part: str) -> Outcome:
     from peft import PeftModel, get_peft_model
-
-    from cofitune_peft import CoFiTuneConfig, CoFiTuneError, CoFiTuneLayer, estimate_importance, set_importance
-    from cofitune_peft.experts import ExpertsLayer
-
     from probes import probe_layer
 
+    from cofitune_peft import CoFiTuneConfig, CoFiTuneError, CoFiTuneLayer, estimate_importance, set_importance
     from cofitune_peft.architectures import model_layout
+    from cofitune_peft.experts import ExpertsLayer
 
     base = _model(family)
     layout_obj = model_layout(base)
@@ -120,7 +120,10 @@ def _run(family: str, part: str) -> Outcome:
     _check(torch.equal(_logits(pm, ids), reference), "the adapted model differs from the base at init")
     # one training step: every delta gets a gradient, nothing else moves
     trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
-    _check(trainable and all("cofitune_delta" in n for n in trainable), f"trainable beyond the deltas: {sorted(trainable)[:3]}")
+    _check(
+        trainable and all("cofitune_delta" in n for n in trainable),
+        f"trainable beyond the deltas: {sorted(trainable)[:3]}",
+    )
     frozen = {n: p.detach().clone() for n, p in pm.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}
     pm.train()

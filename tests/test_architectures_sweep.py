@@ -27,8 +27,18 @@ EXPECTED = {
     **{(f, p): _PURE_SSM for f in ("mamba", "mamba2", "falcon_mamba") for p in PARTS},
     **{(f, p): _STACKS for f in ("blt", "hrm_text", "xlm") for p in PARTS},
     **{(f, p): _TIED for f in ("zamba", "zamba2") for p in PARTS},
-    **{(f, p): _BUILD for f in ("dots3_note", "gemma3n", "gemma4_assistant", "gemma4_unified_assistant", "musicgen",
-                                "musicgen_melody") for p in PARTS},  # fmt: skip
+    **{
+        (f, p): _BUILD
+        for f in (
+            "dots3_note",
+            "gemma3n",
+            "gemma4_assistant",
+            "gemma4_unified_assistant",
+            "musicgen",
+            "musicgen_melody",
+        )
+        for p in PARTS
+    },
     # attention CoFiTune cannot read (named in the message) or none at all: the FFN trains
     ("deepseek_v4", "mha"): ("refused", r"DeepseekV4Attention\): no output projection"),
     ("jetmoe", "mha"): ("refused", r"JetMoeAttention\): its projections are experts"),

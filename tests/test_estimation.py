@@ -307,7 +307,7 @@ def test_cli_errors(saved_model, tmp_path, capsys):
     config = AutoConfig.for_model("mamba", vocab_size=128, hidden_size=16, num_hidden_layers=1, state_size=4)
     AutoModelForCausalLM.from_config(config).save_pretrained(unknown)
     char_tokenizer().save_pretrained(unknown)
-    with pytest.raises(CoFiTuneError, match="'mamba' .* no attention or feed-forward layer"):
+    with pytest.raises(CoFiTuneError, match=r"'mamba' .* no attention or feed-forward layer"):
         run_cli(["--model", str(unknown), "--data", str(data), "--out", out])
     assert main(["importance", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", out]) == 2
     assert "error: `--model`: no folder" in capsys.readouterr().err

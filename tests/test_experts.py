@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 from families import tiny_config
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from sweep import _loader, _model
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError, Importance, estimate_importance, set_importance
@@ -43,7 +43,9 @@ def test_each_expert_trains_its_own_delta_masked_per_expert_unit(family):
     # an importance that protects expert 1's first intermediate unit in every layer, and nothing else
     inter = torch.zeros(layout.num_layers, experts, units)
     inter[:, 1, 0] = 1.0
-    imp = Importance(expert_intermediate=inter, expert_output=torch.zeros(layout.num_layers, experts, 64), normalized=True)
+    imp = Importance(
+        expert_intermediate=inter, expert_output=torch.zeros(layout.num_layers, experts, 64), normalized=True
+    )
     pm = get_peft_model(base, CoFiTuneConfig(parts="ffn", layers=(0, 4), importance=imp))
     layer = next(m for m in pm.modules() if isinstance(m, ExpertsLayer))
     gate_up = layer.params("default")[0] if "gate_up" in layer.params("default")[0] else layer.params("default")[1]
@@ -133,7 +135,7 @@ def test_lora_export_of_expert_deltas_is_refused_by_name():
 
     with pytest.raises(TypeError, match="ExpertsLayer"):
         peft_convert(pm, 4)
-    with pytest.raises(CoFiTuneError, match="mixed-adapter batch|cannot route"):
+    with pytest.raises(CoFiTuneError, match=r"mixed-adapter batch|cannot route"):
         pm.eval()
         pm(input_ids=IDS, adapter_names=["default", "__base__"])
 

@@ -38,7 +38,7 @@ def test_a_hybrid_window_without_the_selected_parts_is_refused_with_the_layer_ki
 
 
 def test_pure_state_space_models_are_refused_by_name():
-    with pytest.raises(CoFiTuneError, match="'mamba' .*no attention or feed-forward layer.*mamba"):
+    with pytest.raises(CoFiTuneError, match=r"'mamba' .*no attention or feed-forward layer.*mamba"):
         get_peft_model(_model("mamba"), CoFiTuneConfig())
 
 

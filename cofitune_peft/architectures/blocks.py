@@ -86,6 +86,15 @@ def expert_params(module: nn.Module) -> dict[str, object]:
     return out
 
 
+class Unreadable(Exception):
+    """A block whose layout cannot be read; the message says what was found."""
+
+
+def check(actual: int, expected: int, what: str) -> None:
+    if actual != expected:
+        raise Unreadable(f"{what}: expected {expected}, the weight has {actual}")
+
+
 @dataclass
 class Block:
     """One block of a layer: `kind` is `attention`, `cross_attention`, `ffn` or a mixer kind (`mamba`, ...)."""
@@ -164,7 +173,9 @@ def find_blocks(layer: nn.Module, model_prefix: str = "") -> tuple[list[Block], 
                 loose[path] = child
                 continue
             cls = type(unwrap(child)).__name__
-            if cls.endswith("Norm") and not re.search(r"Attention|MLP|FFN", cls):  # an adaptive norm's own small MLP is not the layer's FFN
+            if cls.endswith("Norm") and not re.search(
+                r"Attention|MLP|FFN", cls
+            ):  # an adaptive norm's own small MLP is not the layer's FFN
                 loose.update({f"{path}.{n}": m for n, m in child.named_modules() if n and is_linear_like(m)})
                 continue
             kind = _classify(path, child, model_prefix)

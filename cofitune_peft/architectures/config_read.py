@@ -25,7 +25,7 @@ def read(obj, name: str):
         return None
     try:
         value = getattr(obj, name, None)
-    except Exception:  # noqa: BLE001 (configs raise their own error types, e.g. AmbiguousGlobalPerLayerAttributeError)
+    except Exception:
         return None
     return value
 
@@ -45,7 +45,7 @@ def text_config(config):
     if callable(getter):
         try:
             return getter()
-        except Exception:  # noqa: BLE001
+        except Exception:
             return config
     return config
 
@@ -55,7 +55,7 @@ def layer_config(config, index: int):
     if read(config, "is_heterogeneous"):
         try:
             return config.per_layer_config[index]
-        except Exception:  # noqa: BLE001
+        except Exception:
             return config
     return config
 

@@ -13,10 +13,11 @@ from torch import nn
 from .. import _compat
 from ..errors import CoFiTuneError
 from . import table
-from .blocks import Block, find_blocks, linear_dims, loose_ffn, model_prefix, unwrap
-from .config_read import EXPERTS, HEADS, HIDDEN, first_int, layer_config, model_config, model_type_of, read
-from .layout import EXPERT_PARTS, Gate, LayerLayout, ModelLayout, full_shape, interleaved, plain, seg
+from .blocks import Block, Unreadable, check, find_blocks, linear_dims, loose_ffn, model_prefix, unwrap
+from .config_read import HEADS, HIDDEN, first_int, layer_config, model_config, model_type_of, read
+from .layout import Gate, LayerLayout, ModelLayout, full_shape, interleaved, plain, seg
 from .locate import find_decoder_layers
+from .moe import expert_groups, read_experts
 
 ATTN_ROLES = {
     **dict.fromkeys(("q_proj", "query", "q", "wq", "query_proj", "q_lin", "project_q"), "q"),
@@ -31,16 +32,6 @@ FFN_DOWN = {"down_proj", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "w2", "wo",
             "layer_2", "lin2", "linear_fc2", "down", "fc_2", "value", "output"}  # fmt: skip
 FFN_GATE = {"gate_proj", "w1", "w_0", "proj_up_gate", "wi_0", "gate", "fc_gate"}
 ROUTERS = ("gate", "router", "shared_expert_gate", "wg", "classifier", "switch")
-EXPERT_ROLES = {
-    **dict.fromkeys(("gate_up_proj", "input_linear", "w13", "gate_up"), "gate_up"),
-    **dict.fromkeys(("up_proj", "w3", "v1"), "up"),
-    **dict.fromkeys(("gate_proj", "w1"), "gate"),
-    **dict.fromkeys(("down_proj", "output_linear", "w2"), "down"),
-}
-
-
-class Unreadable(Exception):
-    """A block whose layout cannot be read; the message says what was found."""
 
 
 def _role_name(path: str) -> str:
@@ -112,7 +103,9 @@ def read_attention(block: Block, cfg, first: int) -> tuple[list, Gate, int, str]
 
 def _separate_qkv(found, full, module, cls, heads, head_v, first):
     query = found.get("q") or found.get("qk") or found.get("q_gate")
-    missing = [r for r, ok in (("query", query), ("value", "v" in found), ("key", "k" in found or "qk" in found)) if not ok]
+    missing = [
+        r for r, ok in (("query", query), ("value", "v" in found), ("key", "k" in found or "qk" in found)) if not ok
+    ]
     if missing:
         raise Unreadable(f"no {' or '.join(missing)} projection (found {sorted(found)})")
     q_out = linear_dims(query[1])[1]
@@ -125,8 +118,8 @@ def _separate_qkv(found, full, module, cls, heads, head_v, first):
     head_qk = _exact(q_out, heads * (2 if gated else 1), f"{query[0]} output features for {heads} heads")
     if "k" in found:
         k_path, k = found["k"]
-        _check(linear_dims(k)[1], kv * head_qk, f"{k_path} output features ({kv} key heads x {head_qk})")
-    _check(v_out, kv * head_v, f"{v_path} output features ({kv} value heads x {head_v})")
+        check(linear_dims(k)[1], kv * head_qk, f"{k_path} output features ({kv} key heads x {head_qk})")
+    check(v_out, kv * head_v, f"{v_path} output features ({kv} value heads x {head_v})")
     if heads % kv:
         raise Unreadable(f"{heads} query heads do not split into {kv} key/value heads")
     group = heads // kv
@@ -166,7 +159,9 @@ def _mla(found, full, cls, heads, head_v, first):
     """Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value projections, read as such."""
     missing = [r for r in ("kv_a", "kv_b") if r not in found]
     if missing or not ({"q", "q_b", "q_gate"} & set(found)):
-        raise Unreadable(f"a latent-attention layout without {missing or ['a query projection']} (found {sorted(found)})")
+        raise Unreadable(
+            f"a latent-attention layout without {missing or ['a query projection']} (found {sorted(found)})"
+        )
     if "q_gate" in found and cls not in table.GATED_QUERY:
         raise Unreadable(f"a fused query-and-gate projection {found['q_gate'][0]} of a layout not in the table")
     kv_b_path, kv_b = found["kv_b"]
@@ -178,7 +173,7 @@ def _mla(found, full, cls, heads, head_v, first):
         raise Unreadable(f"{kv_b_path}/{kv_a_path} widths do not fit {heads} heads of value size {head_v}")
     q_path, q = found.get("q_b") or found.get("q") or found["q_gate"]
     per_head = nope + rope + (head_v if "q_gate" in found else 0)  # a fused gate: each head's query, then its gate
-    _check(linear_dims(q)[1], heads * per_head, f"{q_path} output features ({heads} heads x {per_head})")
+    check(linear_dims(q)[1], heads * per_head, f"{q_path} output features ({heads} heads x {per_head})")
     mods = []
     if "q_a" in found:
         qa_path, qa = found["q_a"]
@@ -187,19 +182,19 @@ def _mla(found, full, cls, heads, head_v, first):
     latent = [seg(("k", "v"), None, count=rank)] + ([seg("k", None, count=rope)] if rope else [])
     mods.append(plain(full(kv_a_path), "out", *latent))
     mods.append(
-        interleaved(full(kv_b_path), "out", seg("k", "heads", first, heads, nope), seg("v", "heads", first, heads, head_v))
+        interleaved(
+            full(kv_b_path), "out", seg("k", "heads", first, heads, nope), seg("v", "heads", first, heads, head_v)
+        )
     )
     return mods
 
 
-def _check(actual: int, expected: int, what: str) -> None:
-    if actual != expected:
-        raise Unreadable(f"{what}: expected {expected}, the weight has {actual}")
-
-
 def read_ffn(block: Block, hidden: int, first: int, first_out: int) -> tuple[list, Gate, int]:
     """`(module layouts, gate, intermediate units)` of the dense linears of an FFN block."""
-    rel = {p[len(block.path) + 1 :] if block.path and p.startswith(block.path + ".") else p: m for p, m in block.linears.items()}
+    rel = {
+        p[len(block.path) + 1 :] if block.path and p.startswith(block.path + ".") else p: m
+        for p, m in block.linears.items()
+    }
     if block.experts:  # a MoE block: its router and shared-expert gate are not FFN projections
         rel = {p: m for p, m in rel.items() if p.split(".")[0] not in ROUTERS and "router" not in p}
     dims = {p: linear_dims(m) for p, m in rel.items()}
@@ -217,12 +212,19 @@ def read_ffn(block: Block, hidden: int, first: int, first_out: int) -> tuple[lis
     mods = []
     if len(fused) == 1 and not single:  # gate rows first: `gate, up = proj(x).chunk(2)` (Phi-3, GLM, ...)
         mods.append(
-            plain(full(fused[0]), "out", seg("gate", "intermediate", first, inter), seg("up", "intermediate", first, inter))
+            plain(
+                full(fused[0]),
+                "out",
+                seg("gate", "intermediate", first, inter),
+                seg("up", "intermediate", first, inter),
+            )
         )
     elif len(single) == 2:
         gates = [p for p in single if _role_name(p) in FFN_GATE]
         if len(gates) != 1:
-            raise Unreadable(f"two input projections {single} of {inter} features; cannot tell the gate from the up one")
+            raise Unreadable(
+                f"two input projections {single} of {inter} features; cannot tell the gate from the up one"
+            )
         up = next(p for p in single if p != gates[0])
         mods.append(plain(full(gates[0]), "out", seg("gate", "intermediate", first, inter)))
         mods.append(plain(full(up), "out", seg("up", "intermediate", first, inter)))
@@ -235,101 +237,6 @@ def read_ffn(block: Block, hidden: int, first: int, first_out: int) -> tuple[lis
     mods.append(plain(full(down), "out", seg("down", "output", first_out, hidden)))
     return mods, Gate("ffn", full(down), first, inter, hidden, first_out), inter
 
-
-def read_experts(block: Block, cfg, hidden: int, first: int, first_out: int) -> tuple[list, Gate, int, int]:
-    """`(module layouts, gate, experts, intermediate units per expert)` of one block's fused expert weights."""
-    weights = {}
-    for owner, params in block.experts.items():
-        for pname, param in params.items():
-            role = EXPERT_ROLES.get(pname if pname != "weight" else owner.rsplit(".", 1)[-1])
-            if role is None:
-                continue
-            if role in weights:
-                raise Unreadable(f"two {role} expert weights ({weights[role][0]}.{weights[role][1]}, {owner}.{pname})")
-            weights[role] = (owner, pname, param)
-    if "down" not in weights or not ({"up", "gate_up"} & set(weights)):
-        raise Unreadable(f"expert weights {sorted(weights)} lack a down or an up projection")
-    owner, pname, param = weights["down"]
-    shape = _shape3(block, owner, pname, param, cfg)
-    experts = shape[0]
-    transposed = read(unwrap(_owner(block, owner)), "is_transposed")
-    fallback = (2 if transposed else 1) if isinstance(transposed, bool) else None
-    out_dim = _unit_dim(shape, hidden, fallback, down=True, what=f"{owner}.{pname}")
-    inter = shape[3 - out_dim]
-    shared = experts == 1
-    part_i, part_o = ("intermediate", "output") if shared else EXPERT_PARTS
-    fi, fo = (first, first_out) if shared else (0, 0)
-    mods = []
-    wrap = _wrap_target(block, owner)
-    for role, (own, pn, p) in weights.items():
-        pshape = _shape3(block, own, pn, p, cfg, experts)
-        name, pn = wrap(own, pn)
-        if role == "down":
-            mods.append(plain(name, "out", seg("down", part_o, fo, hidden), param=pn, experts=experts, dim=out_dim))
-            continue
-        dim = _unit_dim(pshape, hidden, fallback, down=False, what=f"{own}.{pn}")
-        units = (gate, up) = seg("gate", part_i, fi, inter), seg("up", part_i, fi, inter)
-        if role == "gate_up":
-            _check(pshape[dim], 2 * inter, f"{own}.{pn} rows (gate and up of {inter} units)")
-            concatenated = read(unwrap(_owner(block, own)), "is_concatenated")
-            build = interleaved if concatenated is False else plain
-            mods.append(build(name, "out", *units, param=pn, experts=experts, dim=dim))
-        else:
-            _check(pshape[dim], inter, f"{own}.{pn} rows ({inter} units)")
-            mods.append(plain(name, "out", seg(role, part_i, fi, inter), param=pn, experts=experts, dim=dim))
-    down_name, down_param = wrap(owner, pname)
-    kind = "shared_experts" if shared else "experts"
-    gate = Gate(kind, down_name, fi, inter, hidden, fo, param=down_param, experts=experts, out_dim=out_dim)
-    return mods, gate, experts, inter
-
-
-def _wrap_target(block: Block, owner: str):
-    """Where the tuner layer goes: on the module that owns the weights, or, for modules whose parent reads the weights
-    off them directly (DBRX's `experts.mlp.w1`), on the parent (the parameter named by its path inside it)."""
-
-    def wrap(own: str, pname: str) -> tuple[str, str]:
-        own = own or block.path
-        if type(unwrap(_owner(block, own))).__name__ in table.FOLDED_EXPERTS and "." in own:
-            parent, child = own.rsplit(".", 1)
-            return parent, f"{child}.{pname}"
-        return own, pname
-
-    return wrap
-
-
-def _shape3(block: Block, owner: str, pname: str, param, cfg, experts: int | None = None) -> tuple[int, int, int]:
-    """A fused expert weight's shape as `[experts, a, b]` (DBRX folds the experts into its rows)."""
-    shape = tuple(full_shape(param))
-    if len(shape) == 3:
-        return shape
-    experts = experts or first_int(unwrap(_owner(block, owner)), ("moe_num_experts", "num_experts"))
-    experts = experts or first_int(cfg, EXPERTS)
-    if not experts or shape[0] % experts:
-        raise Unreadable(f"{owner}.{pname} folds an unknown number of experts into {shape[0]} rows")
-    return (experts, shape[0] // experts, shape[1])
-
-
-def _unit_dim(shape, hidden: int, fallback: int | None, down: bool, what: str) -> int:
-    """The dim of an `[experts, a, b]` weight that holds its output features."""
-    a, b = shape[1], shape[2]
-    if a != b:
-        if down and hidden in (a, b):
-            return 1 if a == hidden else 2
-        if not down and hidden in (a, b):
-            return 1 if b == hidden else 2
-    elif fallback is not None:
-        return fallback
-    raise Unreadable(f"cannot tell the output dim of expert weight {what} {tuple(shape)} (hidden size {hidden})")
-
-
-def _owner(block: Block, owner: str) -> nn.Module:
-    module = unwrap(block.module)
-    rel = owner[len(block.path) + 1 :] if block.path and owner.startswith(block.path + ".") else owner
-    if not rel or rel == block.path:
-        return module
-    for part in rel.split("."):  # look through tuner layers wrapped around modules on the way
-        module = unwrap(module)._modules[part]
-    return module
 
 def infer_layer(
     index: int, layer: nn.Module, cfg, hidden: int, tied: set[int], prefix: str = "", class_prefix: str = ""
@@ -428,7 +335,7 @@ def tied_weights(layer_list) -> set[int]:
 
 def _read_ffn_block(block: Block, cfg, hidden: int, sizes: dict) -> tuple[list, list, str, int]:
     mods, gates, experts, kind = [], [], 0, "ffn"
-    for group in _expert_groups(block, cfg):
+    for group in expert_groups(block, cfg):
         emods, gate, e, inter = read_experts(group, cfg, hidden, sizes["intermediate"], sizes["output"])
         mods += emods
         gates.append(gate)
@@ -440,7 +347,7 @@ def _read_ffn_block(block: Block, cfg, hidden: int, sizes: dict) -> tuple[list, 
         else:
             sizes["intermediate"] += inter
             sizes["output"] += hidden
-    rest = {p: m for p, m in block.linears.items()}
+    rest = dict(block.linears)
     if block.experts:
         rel = lambda p: p[len(block.path) + 1 :] if block.path else p  # noqa: E731
         rest = {p: m for p, m in rest.items() if rel(p).split(".")[0] not in ROUTERS and "router" not in rel(p)}
@@ -454,20 +361,6 @@ def _read_ffn_block(block: Block, cfg, hidden: int, sizes: dict) -> tuple[list, 
     return mods, gates, kind, experts
 
 
-def _expert_groups(block: Block, cfg) -> list[Block]:
-    """The block's expert weights split by number of experts (routed experts apart from 3-D shared experts)."""
-    by_count: dict[int, Block] = {}
-    for owner, params in block.experts.items():
-        for pname, param in params.items():
-            try:
-                count = _shape3(block, owner, pname, param, cfg)[0]
-            except Unreadable:
-                count = 0
-            group = by_count.setdefault(count, Block("ffn", block.path, block.module))
-            group.experts.setdefault(owner, {})[pname] = param
-    return list(by_count.values())
-
-
 def infer_layout(model: nn.Module, layers_pattern: str | None = None) -> ModelLayout:
     """The `ModelLayout` of `model`, read from its modules; a `CoFiTuneError` for a model with nothing to train."""
     path, layer_list = find_decoder_layers(model, layers_pattern)
@@ -477,7 +370,7 @@ def infer_layout(model: nn.Module, layers_pattern: str | None = None) -> ModelLa
         embeddings = read(model, "get_input_embeddings")
         try:
             hidden = int(full_shape(embeddings().weight)[1])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise CoFiTuneError(
                 f"cannot read the hidden size of this {type(model).__name__} from its config or input embeddings."
             ) from err

@@ -10,8 +10,8 @@ short table of exceptions (`table.py`) or from a user's `unit_map` (`unit_map.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -71,7 +71,9 @@ class Segment:
         return self.count * self.repeat
 
     def describe(self) -> str:
-        where = "unmasked" if self.part is None else f"{self.part}[{self.first}:{self.first + self.count * self.group}]"
+        where = (
+            "unmasked" if self.part is None else f"{self.part}[{self.first}:{self.first + self.count * self.group}]"
+        )
         return f"{'/'.join(sorted(self.roles))}: {self.count} x {self.repeat} rows -> {where}"
 
 

@@ -41,7 +41,7 @@ def _decoder_root(model: nn.Module) -> str | None:
         return None
     try:
         decoder = getter()
-    except Exception:  # noqa: BLE001 (some models raise NotImplementedError or AttributeError)
+    except Exception:
         return None
     if not isinstance(decoder, nn.Module) or not any(_is_layer_list(m) for m in decoder.modules()):
         return None
@@ -77,7 +77,9 @@ def find_decoder_layers(model: nn.Module, layers_pattern: str | None = None) -> 
             named = [
                 (n, m)
                 for n, m in model.named_modules()
-                if isinstance(m, nn.ModuleList) and len(m) and (n == layers_pattern or n.endswith("." + layers_pattern))
+                if isinstance(m, nn.ModuleList)
+                and len(m)
+                and (n == layers_pattern or n.endswith("." + layers_pattern))
             ]
         text = [(n, m) for n, m in named if not _is_tower(n)] or named
         if len(text) == 1:

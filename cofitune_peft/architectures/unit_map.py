@@ -14,7 +14,6 @@ from .config_read import HEADS, HIDDEN, KV_HEADS, first_int, layer_config, model
 from .layout import Gate, LayerLayout, ModelLayout, plain, seg
 from .locate import find_decoder_layers
 
-
 #: The roles a unit gives its module, so that `parts` selects mapped modules as it selects inferred ones.
 UNIT_ROLES = {"intermediate": ("up",), "output": ("down",), "head": ("q",), "kv_head": ("k", "v"), "head@in": ("o",)}
 

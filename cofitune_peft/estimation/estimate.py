@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from torch.nn.utils import parametrize
 
 from ..architectures import PARTS, ModelLayout, model_layout, table
@@ -55,7 +54,9 @@ def _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, s
     if parts is not None:
         parts = (parts,) if isinstance(parts, str) else tuple(parts)
         if not parts or set(parts) - set(PARTS) or len(set(parts)) != len(parts):
-            problems.append(f"`parts` must be None or a non-empty selection of {PARTS} without repeats, got {parts!r}.")
+            problems.append(
+                f"`parts` must be None or a non-empty selection of {PARTS} without repeats, got {parts!r}."
+            )
     if problems:
         raise CoFiTuneError(" ".join(problems))
     return None if parts is None else tuple(p for p in PARTS if p in parts)

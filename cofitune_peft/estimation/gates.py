@@ -29,7 +29,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..architectures import EXPERT_PARTS, ModelLayout, base_of, param_owner
-from ..errors import CoFiTuneError
 
 
 class _Gates:
