@@ -44,7 +44,7 @@ EXPECTED = {
     ("jetmoe", "mha"): ("refused", r"JetMoeAttention\): its projections are experts"),
     ("xlnet", "mha"): ("refused", r"XLNetRelativeAttention\): no Linear projections"),
     ("zaya", "mha"): ("refused", r"ZayaAttention\): no value projection"),
-    ("rwkv", "mha"): ("refused", r"RwkvSelfAttention\): no output projection"),
+    ("rwkv", "mha"): ("refused", r"RwkvSelfAttention\): neither the module nor the config gives a head count"),
     ("xlstm", "mha"): ("refused", "recurrent"),
     **{("reformer", p): ("coarse only", "reversible layers") for p in PARTS},
 }
