@@ -95,7 +95,7 @@ def train_adapter(base_path: str, tokenizer, train, settings: Settings, folder: 
     config = model.peft_config["default"]
     return {
         "window": list(config.layers),
-        "target_modules": config.target_modules,
+        "target_modules": getattr(config, "parts", None) or config.target_modules,  # the selection ("ffn")
         "seconds": stats["seconds"],
         "final_loss": stats["final_loss"],
         "trainable_parameters": stats["trainable_parameters"],

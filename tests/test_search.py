@@ -72,7 +72,7 @@ def designed(window, modules):
 def designed_scores(model):
     if isinstance(model, PeftModel):
         cfg = model.peft_config["default"]
-        return designed(cfg.layers, cfg.target_modules)
+        return designed(cfg.layers, cfg.parts)
     trained = not torch.equal(model.lm_head.weight, tiny_model("llama", num_layers=N, seed=0).lm_head.weight)
     return (1.0, 0.5) if trained else (0.0, 1.0)
 
@@ -148,7 +148,7 @@ def test_the_tree_visits_what_it_should(tmp_path):
         [(w, "ffn") for w in level1] + level2 + level3, key=lambda c: (expected_uni(*c), -(c[0][1] - c[0][0]))
     )
     assert (tuple(result.best["window"]), result.best["modules"]) == overall
-    assert result.best_config.layers == overall[0] and result.best_config.target_modules == overall[1]
+    assert result.best_config.layers == overall[0] and result.best_config.parts == overall[1]
     row = result.table.loc[candidate_key(*overall)]
     assert row["Uni."] == pytest.approx(expected_uni(*overall))
 

@@ -108,7 +108,7 @@ class SearchResult:
     def best_config(self) -> CoFiTuneConfig:
         """The best candidate as a `CoFiTuneConfig` (no importance: add it for the fine level)."""
         best = self.best
-        return CoFiTuneConfig(layers=tuple(best["window"]), target_modules=best["modules"])
+        return CoFiTuneConfig(layers=tuple(best["window"]), parts=best["modules"])
 
     def with_weight(self, weight: float) -> SearchResult:
         """The same records scored with another Spec. weight."""
