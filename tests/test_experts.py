@@ -156,3 +156,13 @@ def test_memory_model_counts_every_expert():
     expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert est.trainable_params == expert  # every expert's gate_up and down, full size
     assert est.components["buffers"] > 0
+
+
+def test_memory_model_takes_a_unit_map():
+    from cofitune_peft.kit.memory import estimate_training_memory
+
+    config = tiny_config("llama")
+    unit_map = {"mlp.up_proj": "intermediate", "mlp.down_proj": "output"}
+    mapped = estimate_training_memory(config, "cofitune", layers=(1, 3), unit_map=unit_map, dtype="float32")
+    read = estimate_training_memory(config, "cofitune", layers=(1, 3), dtype="float32")
+    assert mapped.trainable_params == read.trainable_params == 2 * 2 * 64 * 96

@@ -130,15 +130,6 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(copy.deepcopy(config))
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The text decoder's layer list (the one CoFiTune trains; never a vision or audio tower's)."""
-    from cofitune_peft.architectures import find_decoder_layers
-
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return find_decoder_layers(model)[1]
-
-
 def _unique_numel(params) -> int:
     seen, total = set(), 0
     for p in params:
@@ -166,11 +157,11 @@ class Shapes:
     cofitune: dict = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> Shapes:
-        from cofitune_peft.architectures import dims_of
+    def from_model(cls, model: nn.Module, unit_map: dict | None = None, layers_pattern: str | None = None) -> Shapes:
+        from cofitune_peft.architectures import dims_of, find_decoder_layers, model_layout
 
-        dims = dims_of(model)
-        layers = _decoder_layers(model)
+        dims = dims_of(model, model_layout(model, unit_map, layers_pattern))
+        layers = find_decoder_layers(model, layers_pattern)[1]
         linears = [
             [(n, m.in_features, m.out_features) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
             for layer in layers
@@ -189,18 +180,25 @@ class Shapes:
         )
 
 
-def cofitune_plan(config, layers: tuple[int, int] | None = None, target_modules="ffn") -> tuple[int, tuple, dict, int]:
+def cofitune_plan(
+    config, layers: tuple[int, int] | None = None, target_modules="ffn", unit_map=None, layers_pattern=None
+) -> tuple[int, tuple, dict, int]:
     """`(trainable params, window, {layer: [wrapped module names]}, soft-mask rows)` of a CoFiTune adapter, from
     `get_peft_model` on a meta model (the real plan: default window, `parts` shorthands, layouts read from the model,
-    mixture-of-experts layers with a full-size delta and a soft mask per expert). `target_modules` is the selection
-    (`CoFiTuneConfig.parts`)."""
+    mixture-of-experts layers with a full-size delta and a soft mask per expert, or a `unit_map`). `target_modules` is
+    the selection (`CoFiTuneConfig.parts`)."""
     from peft import get_peft_model
 
     from cofitune_peft import CoFiTuneConfig
 
     with torch.device("meta"):
-        peft_model = get_peft_model(meta_model(config), CoFiTuneConfig(layers=layers, parts=target_modules))
-    layer_list = _decoder_layers(peft_model)
+        cofitune = CoFiTuneConfig(
+            layers=layers, parts=target_modules, unit_map=unit_map, layers_pattern=layers_pattern
+        )
+        peft_model = get_peft_model(meta_model(config), cofitune)
+    from cofitune_peft.architectures import find_decoder_layers
+
+    layer_list = find_decoder_layers(peft_model.get_base_model(), layers_pattern)[1]
     wrapped: dict[int, list[str]] = {}
     for index, layer in enumerate(layer_list):
         names = [n.rsplit(".cofitune_delta", 1)[0] for n, p in layer.named_parameters() if p.requires_grad]
@@ -425,6 +423,8 @@ def estimate_training_memory(
     trainable_dtype: str = "float32",
     overhead_bytes: float = CUDA_OVERHEAD_BYTES,
     shapes: Shapes | None = None,
+    unit_map: dict | None = None,
+    layers_pattern: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one training step on one GPU (no sharding), from the model's shapes.
 
@@ -441,6 +441,7 @@ def estimate_training_memory(
         mask_mode (`str`): CoFiTune's `softmask_mode`; the modes differ only in small per-row buffers.
         trainable_dtype (`str`): the adapters' dtype (PEFT keeps them in float32 by default).
         overhead_bytes (`float`): CUDA context and allocator slack added to the peak; 0 for CPU.
+        unit_map, layers_pattern: the layout, as `CoFiTuneConfig` takes them (for models CoFiTune cannot read alone).
     """
     method = method.lower()
     dtype, trainable_dtype = _dtype_name(dtype), _dtype_name(trainable_dtype)
@@ -464,12 +465,12 @@ def estimate_training_memory(
         raise CoFiTuneError("; ".join(problems) + ".")
     config = config_or_model.config if isinstance(config_or_model, nn.Module) else load_config(config_or_model)
     if shapes is None:
-        shapes = Shapes.from_model(meta_model(config))
+        shapes = Shapes.from_model(meta_model(config), unit_map, layers_pattern)
     plan = None
     if method == "cofitune":
-        key = (tuple(layers) if layers else None, str(target_modules))
+        key = (tuple(layers) if layers else None, str(target_modules), repr(unit_map), layers_pattern)
         if key not in shapes.cofitune:
-            shapes.cofitune[key] = cofitune_plan(config, layers, target_modules)
+            shapes.cofitune[key] = cofitune_plan(config, layers, target_modules, unit_map, layers_pattern)
         plan = shapes.cofitune[key]
     model = MemoryModel(
         shapes, method, batch=batch, seq_len=seq_len, dtype=dtype, optimizer=optimizer, base_quant=base_quant,
