@@ -166,3 +166,47 @@ def test_memory_model_takes_a_unit_map():
     mapped = estimate_training_memory(config, "cofitune", layers=(1, 3), unit_map=unit_map, dtype="float32")
     read = estimate_training_memory(config, "cofitune", layers=(1, 3), dtype="float32")
     assert mapped.trainable_params == read.trainable_params == 2 * 2 * 64 * 96
+
+
+class _ExpertMLP(torch.nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _PerExpertMoE(torch.nn.Module):
+    """A mixture of experts kept as one module per expert (as remote-code models still do), top-1 routing."""
+
+    def __init__(self, hidden, inter, experts=3):
+        super().__init__()
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(_ExpertMLP(hidden, inter) for _ in range(experts))
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)  # [batch, seq]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            routed = choice == e
+            if routed.any():
+                out[routed] = expert(x[routed])
+        return out
+
+
+def test_per_expert_modules_train_and_are_estimated_like_dense_ffns():
+    from tiny_models import tiny_model
+
+    model = tiny_model(num_layers=4)
+    for layer in model.model.layers:
+        layer.mlp = _PerExpertMoE(32, 16)
+    pm = get_peft_model(model, CoFiTuneConfig(parts="ffn", layers=(0, 4)))
+    trained = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert len(trained) == 4 * 3 * 2 and all(".mlp.experts." in n for n in trained)  # up and down of each expert
+    imp = estimate_importance(pm, _loader(IDS), num_samples=2, progress=False)
+    assert tuple(imp.intermediate.shape) == (4, 3 * 16)  # each expert's units, one after the other
+    set_importance(pm, imp)
+    _train(pm)
