@@ -18,6 +18,7 @@ from .importance import Importance
 from .layer import CoFiTuneLayer
 from .model import CoFiTuneModel, set_importance
 from .model_card import write_cofitune_section
+from .optim import CoFiTuneAdamW
 
 __version__ = "0.2.0"
 
@@ -41,6 +42,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CoFiTuneAdamW",
     "CoFiTuneCallback",
     "CoFiTuneConfig",
     "CoFiTuneError",

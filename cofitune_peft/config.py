@@ -15,6 +15,7 @@ from .importance import Importance
 
 SOFTMASK_MODES = ("update", "gradient", "none")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+DELTA_DTYPES = SAVE_DTYPES
 MASK_BUDGETS = ("raw", "mean_one")
 
 
@@ -74,9 +75,18 @@ class CoFiTuneConfig(PeftConfig):
             (`"intermediate"`, `"output"`, `"head"`, `"kv_head"`, `"head@in"` for columns grouped by head, or `"none"`).
         layers_pattern (`str`, *optional*, defaults to `None`):
             The name of the decoder-layer `ModuleList` (`"layers"`, `"h"`); only needed with `unit_map`.
+        delta_dtype (`str`, *optional*, defaults to `None`):
+            The dtype the trained deltas are created, trained and saved in: `"float32"`, `"bfloat16"` or `"float16"`,
+            whatever PEFT's `autocast_adapter_dtype` says (it is applied after PEFT's cast, when the adapter is built
+            and when it is loaded). `None` keeps PEFT's behaviour: the base weight's dtype, which PEFT's default
+            `autocast_adapter_dtype=True` upcasts to float32 for a bf16/fp16 base. In bf16 the deltas, their gradients
+            and (with `torch.optim.AdamW`) the optimizer states take half the memory of fp32; the delta starts at zero
+            and stays small, so its rounding is far finer than that of the weight it is added to. To keep small steps
+            that plain rounding would drop, train with `CoFiTuneAdamW` (stochastic rounding), see docs/memory.md.
         save_dtype (`str`, *optional*, defaults to `None`):
             Store the trained deltas as `"bfloat16"`/`"float16"` to halve the adapter file (they load back into the
-            training dtype). `None` keeps the parameter dtype.
+            training dtype). `None` keeps the parameter dtype (the deltas' dtype, so bf16 deltas save as bf16 and
+            load back bit for bit).
         fix_input_grads (`bool`, *optional*, defaults to `True`):
             Remove the input-require-grads hook that Trainer/TRL add for gradient checkpointing, so that layers below
             the window stay out of the backward pass (with reentrant checkpointing the window's first layer input is
@@ -131,6 +141,12 @@ class CoFiTuneConfig(PeftConfig):
         default=None, metadata={"help": "Module name -> unit, for architectures without a built-in layout."}
     )
     layers_pattern: str | None = field(default=None, metadata={"help": "Name of the decoder-layer ModuleList."})
+    delta_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype of the trained deltas: float32/bfloat16/float16 (None: PEFT's, fp32 on a bf16 base)."
+        },
+    )
     save_dtype: str | None = field(
         default=None, metadata={"help": "Dtype of the saved deltas: float32/bfloat16/float16."}
     )
@@ -191,6 +207,11 @@ class CoFiTuneConfig(PeftConfig):
                         problems.append(f"`unit_map[{name!r}]` must be one of {allowed}, got {unit!r}.")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             problems.append(f"`save_dtype` must be None or one of {SAVE_DTYPES}, got {self.save_dtype!r}.")
+        if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:
+            problems.append(
+                f"`delta_dtype` must be None (PEFT's choice: fp32 on a bf16/fp16 base) or one of {DELTA_DTYPES}, "
+                f"got {self.delta_dtype!r}."
+            )
         for flag in ("fix_input_grads", "init_weights"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
