@@ -9,10 +9,11 @@ hook share, so that a fused run takes the very same steps as an unfused one:
   (`E[round(x)] = x`). A step smaller than half the parameter's spacing then moves it in expectation instead of being
   dropped, at no memory cost (Kahan summation would keep the lost bits exactly, but in a second low-precision buffer
   as large as the delta: the memory of float32 deltas). Float32 parameters are updated in place, as `torch.optim.AdamW`.
-- **The optimizer state** (`state_dtype`): `"float32"`, `"bfloat16"` (rounded like the parameter) or `"int8"`:
+- **The optimizer state** (`state_dtype`): `"float32"`, `"bfloat16"` (rounded to nearest, as torch's AdamW) or `"int8"`:
   bitsandbytes' blockwise dynamic 8-bit format (256-value blocks, one float32 absmax each; tensors under 4096 values
   keep float32 states), the format of `bitsandbytes.optim.AdamW8bit`; `second_moment="factored"` keeps Adafactor's row
-  and column averages of the squared gradient instead of a full second moment (Shazeer & Stern 2018), and
+  and column averages of the squared gradient instead of a full second moment, with Adafactor's update clipping
+  (Shazeer & Stern 2018: the normalised gradient's RMS is capped at 1, and the first moment averages it), and
   `betas[0] == 0` keeps no first moment.
 - **The fused step** (`fused_backward=True`): each parameter steps from a `register_post_accumulate_grad_hook` as soon
   as its gradient is complete, and the gradient is freed there, so no delta's gradient outlives its layer's backward.
@@ -54,15 +55,14 @@ def stochastic_round_(out: torch.Tensor, value: torch.Tensor, generator: torch.G
     result is `value`: the nearer representable neighbour is taken with probability 1 - distance / spacing.
 
     bfloat16 keeps the top 16 bits of a float32, so adding a uniform random 16-bit integer to the bits and truncating
-    rounds up with exactly that probability. float16 goes through `torch.nextafter`. Non-finite values round to
-    nearest.
+    rounds up with exactly that probability (infinities stay infinite; the largest finite values may round to
+    infinity, as they would by a hair more). float16 goes through `torch.nextafter`.
     """
     if out.dtype == torch.bfloat16:
         bits = value.contiguous().view(torch.int32)
-        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
+        noise = _random_16bit(bits.numel(), value.device, generator).view(bits.shape)
         noise.add_(bits).bitwise_and_(-65536)  # the random carry into bit 16, low bits cleared
-        rounded = noise.view(torch.float32)
-        out.copy_(torch.where(torch.isfinite(value), rounded, value))
+        out.copy_(noise.view(torch.float32))
         return
     if out.dtype != torch.float16:
         out.copy_(value)
@@ -75,6 +75,14 @@ def stochastic_round_(out: torch.Tensor, value: torch.Tensor, generator: torch.G
     chance = torch.where(spacing > 0, residual.abs() / spacing, torch.zeros_like(spacing))
     draw = torch.rand(value.shape, device=value.device, generator=generator)
     out.copy_(torch.where((draw < chance) & torch.isfinite(value), other, near))
+
+
+def _random_16bit(n: int, device, generator: torch.Generator | None) -> torch.Tensor:
+    """`n` uniform random integers in [0, 2**16) as int32: three 16-bit slices of each random 64-bit draw (the top
+    slice is left out: it has a sign bit that is always 0), a third of the generator calls of one draw per value."""
+    draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_(generator=generator)
+    slices = draws.view(torch.int16).view(-1, 4)[:, :3]  # little-endian: the low 48 bits
+    return slices.reshape(-1)[:n].to(torch.int32).bitwise_and_(0xFFFF)
 
 
 # ---------------------------------------------------------------------------------------------- 8-bit states
@@ -140,13 +148,14 @@ class CoFiTuneAdamW(torch.optim.Optimizer):
         eps (`float`, *optional*, defaults to 1e-8): added to the square root of the second moment.
         weight_decay (`float`, *optional*, defaults to 0.01): decoupled weight decay (on a CoFiTune delta it pulls the
             weight back toward the base weight).
-        rounding (`str`, *optional*, defaults to `"stochastic"`): how a bf16/fp16 parameter (and a `"bfloat16"` state)
-            takes its float32 update: `"stochastic"` (unbiased, keeps small steps in expectation) or `"nearest"`
+        rounding (`str`, *optional*, defaults to `"stochastic"`): how a bf16/fp16 parameter takes its float32 update: `"stochastic"` (unbiased, keeps small steps in expectation) or `"nearest"`
             (what `torch.optim.AdamW` does to a bf16 parameter: a step below half the spacing is lost).
-        state_dtype (`str`, *optional*, defaults to `"float32"`): `"float32"`, `"bfloat16"` or `"int8"` (bitsandbytes'
-            8-bit blockwise format; needs `bitsandbytes`).
-        second_moment (`str`, *optional*, defaults to `"full"`): `"full"` (Adam) or `"factored"` (Adafactor's row and
-            column averages for 2-D tensors, a few kilobytes per matrix; 1-D tensors keep a full second moment).
+        state_dtype (`str`, *optional*, defaults to `"float32"`): `"float32"`, `"bfloat16"` (rounded to nearest; with
+            `betas[1]` close to 1 a bf16 second moment can stall, as with torch's AdamW on bf16 parameters) or
+            `"int8"` (bitsandbytes' 8-bit blockwise format; needs `bitsandbytes`).
+        second_moment (`str`, *optional*, defaults to `"full"`): `"full"` (Adam) or `"factored"`: Adafactor for 2-D
+            tensors (row and column averages of the squared gradient, a few kilobytes per matrix; the normalised
+            gradient clipped to RMS 1, and the first moment, if any, averaging it); 1-D tensors keep Adam's.
         fused_backward (`bool`, *optional*, defaults to `False`): step each parameter inside the backward pass as soon
             as its gradient is complete, and free the gradient. `step()` then only checks that every gradient was
             consumed. Refused under data parallelism/sharding; gradient accumulation is detected and refused.
@@ -337,7 +346,7 @@ class CoFiTuneAdamW(torch.optim.Optimizer):
         factored = self._factored(p)
         cols = p.numel() // p.shape[0] if factored else 1
         if factored:
-            row_mean = self._update_factors(state, grad, beta2)  # mean of the row factor, for v = r c / mean(r)
+            root_row, root_col, clip = self._update_factors(state, grad, beta2, bias2_sqrt)
         unit = math.lcm(cols, _BLOCK)
         size = max(unit, self.chunk_size // unit * unit)
         for start in range(0, flat_p.numel(), size):
@@ -348,37 +357,56 @@ class CoFiTuneAdamW(torch.optim.Optimizer):
             x = x if x.dtype == torch.float32 else x.float()
             if decay != 0:
                 x.mul_(1 - lr * decay)
-            m = self._first_moment(state, start, end, g, beta1, p.device)
-            if factored:
+            if factored:  # Adafactor: the normalised gradient, clipped, then (optionally) averaged
+                v = None
                 rows = slice(start // cols, end // cols)
-                v = torch.outer(state["exp_avg_sq_row"][rows], state["exp_avg_sq_col"]).view(-1).div_(row_mean)
-            else:
+                u = g / torch.outer(root_row[rows], root_col).view(-1).add_(eps)
+                if clip != 1.0:
+                    u.mul_(clip)
+                m = self._first_moment(state, start, end, u, beta1, p.device)
+                x.add_(u if m is None else m, alpha=-lr / bias1)
+            else:  # Adam
+                m = self._first_moment(state, start, end, g, beta1, p.device)
                 v = self._second_moment(state, start, end, g, beta2, p.device)
-            denom = (v.sqrt() / bias2_sqrt).add_(eps)
-            if m is None:
-                x.addcdiv_(g, denom, value=-lr)
-            else:
-                x.addcdiv_(m, denom, value=-lr / bias1)
+                denom = (v.sqrt() / bias2_sqrt).add_(eps)
+                if m is None:
+                    x.addcdiv_(g, denom, value=-lr)
+                else:
+                    x.addcdiv_(m, denom, value=-lr / bias1)
             self._write(flat_p[start:end], x, generator)
-            self._store_moments(state, start, end, m, None if factored else v, p.device, generator)
+            self._store_moments(state, start, end, m, v, p.device)
         if data is not p.data:
             p.data.copy_(data)
 
-    def _update_factors(self, state: dict, grad: torch.Tensor, beta2: float) -> torch.Tensor:
-        """Adafactor's factors: exponential averages of the row and column means of `grad**2 + eps1`."""
+    def _update_factors(self, state: dict, grad: torch.Tensor, beta2: float, bias2_sqrt: float):
+        """Adafactor's second moment of a matrix `[R, C]` (Shazeer & Stern 2018): `r`, `c` = exponential averages of
+        the row and column means of `grad**2 + eps1`, `v = r c / mean(r)` (bias-corrected like Adam's). Returns
+        `(sqrt of the row factor / sqrt(mean(r)) / bias, sqrt of the column factor, clip)`, where `clip` scales the
+        normalised gradient `u = grad / sqrt(v)` so that its RMS is at most 1 (Adafactor's update clipping, d = 1): the
+        factored estimate can be far below a few entries' own square, and their steps would be many times Adam's."""
         rows = grad.shape[0]
         g2 = grad.reshape(rows, -1)
         row = torch.empty(rows, dtype=torch.float32, device=grad.device)
         col = torch.zeros(g2.shape[1], dtype=torch.float32, device=grad.device)
         step = max(1, self.chunk_size // max(1, g2.shape[1]))
         for a in range(0, rows, step):
-            sq = g2[a : a + step].float().square().add_(_FACTORED_EPS)  # never in place: it may be the gradient
+            sq = g2[a : a + step].float().square()  # never in place: it may be the gradient itself
             row[a : a + step] = sq.mean(dim=1)
             col.add_(sq.sum(dim=0))
-        col.div_(rows)
+        row.add_(_FACTORED_EPS)  # mean(g**2 + eps1) = mean(g**2) + eps1
+        col.div_(rows).add_(_FACTORED_EPS)
         state["exp_avg_sq_row"].lerp_(row, 1 - beta2)
         state["exp_avg_sq_col"].lerp_(col, 1 - beta2)
-        return state["exp_avg_sq_row"].mean()
+        root_row = state["exp_avg_sq_row"].sqrt().div_(float(state["exp_avg_sq_row"].mean().sqrt()) * bias2_sqrt)
+        root_col = state["exp_avg_sq_col"].sqrt()
+        # mean(u**2) = mean_i (1 / root_row_i**2) * mean_j (g_ij**2 / root_col_j**2): one more pass over g**2
+        inv_col = root_col.square().reciprocal_()
+        total = 0.0
+        for a in range(0, rows, step):
+            sq = g2[a : a + step].float().square()
+            total += float((sq @ inv_col).div_(root_row[a : a + step].square()).sum())
+        rms = math.sqrt(total / g2.numel())
+        return root_row, root_col, 1.0 / max(1.0, rms)
 
     def _first_moment(self, state, start, end, g, beta1, device) -> torch.Tensor | None:
         if "exp_avg" not in state:
@@ -400,7 +428,7 @@ class CoFiTuneAdamW(torch.optim.Optimizer):
             v = v if v.dtype == torch.float32 else v.float()
         return v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
-    def _store_moments(self, state, start, end, m, v, device, generator) -> None:
+    def _store_moments(self, state, start, end, m, v, device) -> None:
         for key, value, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
             if value is None or key not in state:
                 continue
@@ -408,7 +436,7 @@ class CoFiTuneAdamW(torch.optim.Optimizer):
             if isinstance(stored, dict):
                 _Int8State.write(stored, start, end, value, self._code(signed, device))
             elif stored.dtype != torch.float32:
-                self._write(stored.view(-1)[start:end], value, generator)
+                stored.view(-1)[start:end].copy_(value)  # bf16 states round to nearest, as torch's AdamW
             # float32 states were updated in place
 
     def _write(self, target: torch.Tensor, value: torch.Tensor, generator) -> None:

@@ -229,6 +229,20 @@ def test_factored_second_moment_is_small_and_learns(betas):
     assert float((w - target).norm()) < 0.15 * float(target.norm())  # a quadratic: it converges
 
 
+def test_factored_step_is_clipped_to_rms_one():
+    # one huge entry: the rank-1 estimate r c / mean(r) puts the other rows' and columns' second moment ~1e-11, far
+    # below their 1e-6, so their normalised gradient is ~150 (Adam's would be 1); the clipping brings the RMS to 1
+    g = torch.full((64, 64), 1e-3)
+    g[0, 0] = 10.0
+    w = torch.nn.Parameter(torch.zeros(64, 64))
+    opt = CoFiTuneAdamW([w], lr=1e-2, betas=(0.0, 0.999), eps=0.0, weight_decay=0.0, rounding="nearest",
+                        second_moment="factored")  # fmt: skip
+    w.grad = g
+    opt.step()
+    rms = float((w.detach() / 1e-2).square().mean().sqrt())
+    assert rms == pytest.approx(1.0, rel=1e-4)
+
+
 def test_no_first_moment_keeps_no_state_for_it():
     w = torch.nn.Parameter(torch.zeros(8, 8))
     opt = CoFiTuneAdamW([w], betas=(0.0, 0.99))
