@@ -471,3 +471,56 @@ def test_trainer_with_fused_cofitune_adamw(tmp_path):
     trainer = sft_trainer(args, optimizer_cls_and_kwargs=(CoFiTuneAdamW, {**fused, "training_args": args}))
     with pytest.raises(CoFiTuneError, match=r"max_grad_norm=1\.0"):
         trainer.train()
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU (check.sh)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_fused_step_equals_unfused_step_on_cuda(state_dtype):
+    if state_dtype == "int8":
+        bnb_or_skip()
+    results = []
+    for fused in (False, True):
+        pm = cofitune_bf16().cuda()
+        params = [p for p in pm.parameters() if p.requires_grad]
+        opt = CoFiTuneAdamW(params, lr=1e-2, state_dtype=state_dtype, second_moment="factored", fused_backward=fused)
+        pm.train()
+        for step in range(3):
+            x = batch(step).cuda()
+            pm(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append({n: p.detach().clone() for n, p in deltas(pm).items()})
+    assert all(torch.equal(results[0][n], results[1][n]) and results[0][n].abs().sum() > 0 for n in results[0])
+
+
+@pytest.mark.gpu
+@cuda
+def test_stochastic_rounding_on_cuda_is_unbiased():
+    value = torch.full((1 << 20,), 1.0 + 2**-10, device="cuda")  # an eighth of bf16's spacing above 1
+    out = torch.empty_like(value, dtype=torch.bfloat16)
+    stochastic_round_(out, value, torch.Generator(device="cuda").manual_seed(0))
+    assert set(out.float().unique().tolist()) == {1.0, 1.0078125}
+    assert float(out.float().mean()) == pytest.approx(1.0 + 2**-10, abs=5 * 2**-8 / 2**10)
+
+
+def test_weighted_adapter_and_lora_export_keep_bf16_deltas():
+    from cofitune_peft.model import convert_to_lora
+
+    pm = get_peft_model(tiny_model().to(torch.bfloat16), CoFiTuneConfig(layers=(2, 4), delta_dtype="bfloat16",
+                                                                        init_weights=False))  # fmt: skip
+    pm.add_adapter("other", CoFiTuneConfig(layers=(2, 4), delta_dtype="bfloat16", init_weights=False))
+    pm.base_model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "both")
+    assert pm.peft_config["both"].delta_dtype == "bfloat16"
+    layer = pm.base_model.model.model.layers[2].mlp.up_proj
+    both = layer.cofitune_delta["both"].weight
+    assert both.dtype == torch.bfloat16
+    expected = layer.get_delta_weight("default").float() + layer.get_delta_weight("other").float()
+    torch.testing.assert_close(both.float(), expected, atol=2e-2, rtol=1e-2)  # the sum, rounded to bf16 once
+    lora_config, state = convert_to_lora(pm, rank=32, adapter_name="default")  # full rank: exact up to bf16 rounding
+    assert {v.dtype for v in state.values()} == {torch.bfloat16} and lora_config.r == 32
