@@ -196,6 +196,28 @@ class Study:
         return record
 
 
+def rounding_probe(base, lrs) -> dict:
+    """Arithmetic on the real weights, no training: the share of the window's bf16 weights for which a step of `lr`
+    (Adam's first steps move every value by about `lr`) is below half their spacing, i.e. lost by round-to-nearest when
+    the weight is trained in place; and the same for a bf16 delta that has grown to `k * lr` after `k` steps of one
+    sign (half its spacing is `2**-9` to `2**-8` of its size, so a step of `lr` is lost only once `|delta|` exceeds
+    `2**8 * lr` at most, `2**9 * lr` at least: after hundreds of steps of one sign)."""
+    import torch
+    from _lowmem import freeze_window
+
+    probe = copy.deepcopy(base)
+    freeze_window(probe)
+    weights = torch.cat([p.detach().float().abs().flatten() for p in probe.parameters() if p.requires_grad])
+    nonzero = weights[weights > 0]
+    spacing = torch.pow(2.0, torch.floor(torch.log2(nonzero)) - 7)  # bf16: 8 significant bits
+    out = {"window_values": int(weights.numel()), "median_abs_weight": float(weights.median())}
+    for lr in lrs:
+        lost = int((spacing / 2 > lr).sum())  # a zero weight takes any step
+        out[f"in_place_lost_share_lr{lr:g}"] = lost / weights.numel()
+    out["delta_size_in_lr_before_a_step_of_lr_is_lost"] = [2**8, 2**9]
+    return out
+
+
 def reference_speciality(path: str) -> float:
     if not os.path.isfile(path):
         raise SystemExit(f"the Spec. reference {path} is missing: run the comparison first or pass --reference.")
@@ -302,18 +324,22 @@ def main(argv=None) -> int:
     if args.report_only:
         study = None
         records = [r for r in (_load(args.out_dir, run_key(*job)) for job in jobs) if r is not None]
+        probe = None
         base = _load(args.out_dir, "base")
         if base is None:
             raise SystemExit(f"no finished base run in {args.out_dir}; run without --report-only first.")
     else:
         study = Study(args.out_dir, settings, progress=not args.no_progress)
+        probe = rounding_probe(study.base, args.lrs)
+        print("rounding probe (no training):", json.dumps(probe))
+        write_json(os.path.join(args.out_dir, "rounding_probe.json"), probe)
         base = study.base_record()
         records = [study.run(*job) for job in tqdm(jobs, desc="precision runs", disable=args.no_progress)]
     rows = summarise(records, base, reference)
     table = to_markdown(rows)
     print(table)
     summary = {"settings": settings, "reference_speciality": reference, "base": base["test"], "rows": rows,
-               "runs": len(records), "threads": args.threads}  # fmt: skip
+               "runs": len(records), "threads": args.threads, "rounding_probe": probe}  # fmt: skip
     write_json(os.path.join(args.out_dir, "precision.json"), summary)
     with open(os.path.join(args.out_dir, "precision.md"), "w") as f:
         f.write(table + "\n")
