@@ -21,8 +21,9 @@ through `F.linear(x, W0 + f * Delta)` would keep W, one extra weight-sized tenso
 forward to its backward.
 
 Quantized bases (bitsandbytes `Linear4bit` nf4/fp4, double quant, and `Linear8bitLt`) stay quantized and frozen; the
-delta trains in fp32 (or the layer's `compute_dtype`), and the forward is `base_layer(x) + x (f * Delta)^T`: the base
-output is exactly the quantized layer's own, so a zero delta is the quantized model bit for bit, and LLM.int8's
+delta trains in fp32 (or the layer's `compute_dtype`, or `CoFiTuneConfig.delta_dtype`), and the forward is
+`base_layer(x) + x (f * Delta)^T`: the base output is exactly the quantized layer's own, so a zero delta is the
+quantized model bit for bit, and LLM.int8's
 outlier handling is kept (dequantize-and-fuse was measured too, see `Linear`). Merging into a quantized base
 dequantizes, adds and quantizes again, with a warning about the rounding, as PEFT's LoRA bnb layers do.
 """
