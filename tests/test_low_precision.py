@@ -524,3 +524,35 @@ def test_weighted_adapter_and_lora_export_keep_bf16_deltas():
     torch.testing.assert_close(both.float(), expected, atol=2e-2, rtol=1e-2)  # the sum, rounded to bf16 once
     lora_config, state = convert_to_lora(pm, rank=32, adapter_name="default")  # full rank: exact up to bf16 rounding
     assert {v.dtype for v in state.values()} == {torch.bfloat16} and lora_config.r == 32
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_trainer_resume_with_cofitune_adamw_matches_uninterrupted(tmp_path, fused):
+    """Bit for bit: the bf16 deltas and the optimizer's int8/factored state come back from the checkpoint (the
+    stochastic rounding's draws depend on the step count, which the state carries)."""
+    bnb_or_skip()
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= 2:
+                control.should_training_stop = True
+
+    options = {"state_dtype": "int8", "second_moment": "factored", "fused_backward": fused}
+
+    def make(out, **overrides):
+        args = sft_args(tmp_path, output_dir=str(tmp_path / out), max_steps=4, max_grad_norm=0.0, **overrides)
+        return sft_trainer(args, optimizer_cls_and_kwargs=(CoFiTuneAdamW, {**options, "training_args": args}))
+
+    full = make("full")
+    full.train()
+    reference = {n: p.detach().clone() for n, p in deltas(full.model).items()}
+    first = make("resumed", save_strategy="steps", save_steps=2)
+    first.add_callback(StopAt())
+    first.train()
+    second = make("resumed")
+    second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    resumed = deltas(second.model)
+    assert reference.keys() == resumed.keys()
+    for name, value in reference.items():
+        assert resumed[name].dtype == torch.bfloat16 and torch.equal(resumed[name], value), name
