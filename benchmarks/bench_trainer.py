@@ -165,6 +165,8 @@ def child(name: str, args) -> dict:
         in_backward = layers_in_backward(trainer.model, probe["input_ids"])
         ckpt = checkpointing_of(trainer.model)
         optim = str(getattr(config.optim, "value", config.optim))
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+        optimizer_class = type(inner).__name__
     if len(timer.times) != total_steps:
         raise SystemExit(f"timed {len(timer.times)} steps, expected {total_steps}")
     times = timer.times[args.warmup :]
@@ -186,6 +188,7 @@ def child(name: str, args) -> dict:
             getattr(config, "activation_checkpointing", getattr(config, "gradient_checkpointing", False))
         ),
         "optim": optim,
+        "optimizer_class": optimizer_class,
         "threads": args.threads,
         "batch": [args.batch, args.length],
         "dtype": args.dtype,
