@@ -245,3 +245,23 @@ def test_kl_over_padding_under_a_fused_kernel_warns_with_the_fix(tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         raw(model, UNEVEN, tok, kl_positions="all", attn_implementation="eager")
+
+
+def test_the_comparison_registers_the_authors_estimator_as_a_mask_variant(tmp_path):
+    from tiny_models import tiny_tokenizer
+
+    from cofitune_peft.kit.compare import DEFAULT_LEARNING_RATES, METHODS, MethodSettings
+
+    tok = tiny_tokenizer()
+    shared = estimate_importance(tiny_model(num_layers=4), TEXTS, tokenizer=tok, num_samples=3, progress=False)
+    settings = MethodSettings(tokenizer=tok, general_texts=TEXTS, importance=shared, cache_dir=str(tmp_path))
+    method = METHODS["cofitune_authors"]
+    assert method.needs_importance and method.family == "cofitune" and len(DEFAULT_LEARNING_RATES[method.name]) == 3
+    model = tiny_model(num_layers=4)
+    built = method.build(model, settings)
+    own = built.base_model.get_importance().metadata
+    # Every choice is the authors', although the shared estimate (whose settings the variants reuse) summed |grad|.
+    assert shared.metadata["accumulate"] == "abs"
+    assert {k: own[k] for k in RECIPES["authors"]} == {k: str(v) for k, v in RECIPES["authors"].items()}
+    assert own["recipe"] == "authors" and own["num_samples"] == "3"
+    assert model.config._attn_implementation == "sdpa", "the eager switch is undone"

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
+from cofitune_peft.estimation import RECIPES
 
 from ..fingerprint import fingerprint
 from ..state_file import legacy_pickle_error, load_state, save_state
@@ -527,6 +528,13 @@ for _m in (
         importance_spec={"signal": "fisher"},
     ),
     _masked_variant("cofitune_hard", _ADAPTER_LRS, "CoFiTune, top 10% of units frozen", top_fraction=0.1),
+    # The authors' literal estimator (issue 20): its |tanh| normalisation gives the update mask the default's budget.
+    _masked_variant(
+        "cofitune_authors",
+        (2e-4, 6e-4, 2e-3),
+        "CoFiTune + update mask, the authors' importance estimator",
+        importance_spec={"recipe": "authors", **RECIPES["authors"]},
+    ),
     Method("l1", build_l1, _FULL_LRS, "full FT + L1 to base"),
     Method("l2", build_l2, _FULL_LRS, "full FT + L2 to base"),
     Method(
