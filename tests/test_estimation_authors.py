@@ -265,3 +265,27 @@ def test_the_comparison_registers_the_authors_estimator_as_a_mask_variant(tmp_pa
     assert {k: own[k] for k in RECIPES["authors"]} == {k: str(v) for k, v in RECIPES["authors"].items()}
     assert own["recipe"] == "authors" and own["num_samples"] == "3"
     assert model.config._attn_implementation == "sdpa", "the eager switch is undone"
+
+
+def test_cli_recipe_flag(tmp_path, tok):
+    from cofitune_peft import Importance
+    from cofitune_peft.kit.cli import main
+
+    folder = tmp_path / "model"
+    tiny_model(num_layers=2).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(UNEVEN), encoding="utf-8")
+    out = tmp_path / "imp.safetensors"
+    argv = ["importance", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "2"]
+    assert main([*argv, "--recipe", "authors", "--max-length", "64", "--no-progress", "--device", "cpu"]) == 0
+    meta = Importance.load(out).metadata
+    assert (meta["recipe"], meta["accumulate"], meta["max_length"], meta["attn_implementation"]) == (
+        "authors",
+        "signed",
+        "64",
+        "eager",
+    )
+    assert main([*argv, "--no-progress", "--device", "cpu"]) == 0
+    meta = Importance.load(out).metadata
+    assert (meta["recipe"], meta["accumulate"], meta["max_length"]) == ("default", "abs", "256")
