@@ -179,10 +179,12 @@ def padding_fraction(tokenizer, texts: list[str], max_length: int) -> float:
     return 1 - real / (len(texts) * max_length)
 
 
-def estimate(model, tokenizer, texts, options: dict, seed: int, args, cache: str | None) -> tuple[Importance, float]:
-    """The normalised importance of one configuration (from `cache` when it holds it); `(importance, seconds)`."""
+def estimate(
+    model, tokenizer, texts, options: dict, seed: int, args, cache: str | None
+) -> tuple[Importance, float | None]:
+    """The normalised importance of one configuration (from `cache` when it holds it: seconds None)."""
     if cache is not None and os.path.isfile(cache):
-        return Importance.load(cache), float("nan")
+        return Importance.load(cache), None
     start = time.perf_counter()
     imp = estimate_importance(
         model,
@@ -214,7 +216,7 @@ def run(model, tokenizer, texts, args, label: str) -> dict:
         imp, secs = estimate(model, tokenizer, texts, configs[name], seed, args, cache)
         scores[(name, seed)] = imp.parts()
         seconds[f"{name}/s{seed}"] = secs
-        print(f"  {name} seed {seed}: {secs:.0f} s", flush=True)
+        print(f"  {name} seed {seed}: " + ("cached" if secs is None else f"{secs:.0f} s"), flush=True)
     reference = scores[("authors", 0)]
 
     def against(key) -> dict[str, float]:
