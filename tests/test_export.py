@@ -48,7 +48,7 @@ def test_full_rank_lora_reproduces_the_adapter(arch, tmp_path):
     x = batch()
     config = export_lora(pm, tmp_path / "lora", rank=1000)
     assert config.peft_type == "LORA" and config.r == 32 and config.lora_alpha == config.r
-    assert sorted(os.listdir(tmp_path / "lora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "lora")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     lora = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "lora").eval()
     torch.testing.assert_close(logits(lora, x), logits(pm, x), rtol=1e-4, atol=1e-4)
     assert len(lora.base_model.targeted_module_names) == len(pm.base_model.cofitune_layers())
@@ -134,7 +134,7 @@ def test_export_lora_loads_without_cofitune_peft(saved):
     (tmp_path / "out" / "stale.txt").write_text("from an earlier export")
     argv = ["export", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--to", "lora", "--rank", "64"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tmp_path / "base")
     script = f"""
