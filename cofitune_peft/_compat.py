@@ -78,8 +78,8 @@ def register(config_cls, model_cls, card_writer=None, before_save=None, push=Non
 
     `card_writer(peft_model, output_dir)` rewrites the model card after PEFT wrote its own;
     `before_save(peft_model, base_model_id)` runs before a CoFiTune adapter is saved (`base_model_id` is the keyword
-    `save_pretrained` accepts on top of PEFT's); `push(peft_model, repo_id, **kwargs)` replaces `push_to_hub` for
-    CoFiTune adapters.
+    `save_pretrained` accepts on top of PEFT's) and returns defaults for PEFT's keyword arguments;
+    `push(peft_model, repo_id, **kwargs)` replaces `push_to_hub` for CoFiTune adapters.
     """
     import warnings
 
@@ -109,7 +109,8 @@ def _atomic_save_pretrained(original, before_save=None):
                 raise CoFiTuneError("`base_model_id` is a save_pretrained argument of CoFiTune adapters only.")
             return original(self, save_directory, *args, **kwargs)
         if before_save is not None:
-            before_save(self, base_model_id)
+            for key, value in (before_save(self, base_model_id) or {}).items():
+                kwargs.setdefault(key, value)
         if kwargs.get("is_main_process", True) is False:
             return original(self, save_directory, *args, **kwargs)
         if os.path.isfile(save_directory):

@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: The attribute `set_base_model_id` puts on a model: how its weights differ from the Hub's (shown in the card).
 BASE_NOTE_ATTRIBUTE = "cofitune_base_weights"
+#: ... and the folder its weights were read from (PEFT's vocabulary check reads that folder's config, not the Hub's).
+LOADED_FROM_ATTRIBUTE = "cofitune_loaded_from"
 _WARNED: set[tuple[str, str]] = set()
 # What a push knows and `save_pretrained` does not: the repository id (for the card's code) and extra tags.
 _PUBLISHING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cofitune_publishing", default=None)
@@ -135,7 +137,11 @@ def set_base_model_id(model, model_id: str, *, weights_note: str | None = None) 
     peft_model = get_peft_model(model, CoFiTuneConfig())
     ```
     """
-    model.name_or_path = check_hub_id(model_id, "model_id")
+    check_hub_id(model_id, "model_id")
+    loaded_from = model.__dict__.get("name_or_path") or None
+    if loaded_from and os.path.isdir(os.path.expanduser(loaded_from)):
+        setattr(model, LOADED_FROM_ATTRIBUTE, loaded_from)
+    model.name_or_path = model_id
     setattr(model, BASE_NOTE_ATTRIBUTE, weights_note)
 
 
@@ -151,15 +157,21 @@ def is_causal_lm(model) -> bool:
     return name.endswith("ForCausalLM") or name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
-def prepare_for_save(peft_model, base_model_id: str | None = None) -> None:
+def prepare_for_save(peft_model, base_model_id: str | None = None) -> dict:
     """Fill in what a CoFiTune adapter's files record about its base model: the Hub id (module docstring), the task
-    type `CAUSAL_LM` for a causal LM, and the note `set_base_model_id` left on the base model."""
+    type `CAUSAL_LM` for a causal LM, and the note `set_base_model_id` left on the base model.
+
+    Returns keyword arguments for PEFT's `save_pretrained`: when an adapter now names a Hub id but its base was read
+    from a local folder, `save_embedding_layers` is decided against that folder's config, as PEFT did before the id
+    replaced the folder (PEFT's own "auto" would fetch the config from the Hub, from a machine that may be offline).
+    """
     if base_model_id is not None:
         check_hub_id(base_model_id, "base_model_id")
     base = peft_model.get_base_model()
-    loaded_from = base.__dict__.get("name_or_path") or None
+    loaded_from = getattr(base, LOADED_FROM_ATTRIBUTE, None) or base.__dict__.get("name_or_path") or None
     note = getattr(base, BASE_NOTE_ATTRIBUTE, None)
     causal = is_causal_lm(peft_model)
+    local_folders = set()
     for name, cfg in peft_model.peft_config.items():
         if not isinstance(cfg, CoFiTuneConfig):
             continue
@@ -170,10 +182,20 @@ def prepare_for_save(peft_model, base_model_id: str | None = None) -> None:
                 "adapter %r: recording the base model as the Hub id %r (loaded from %r)", name, found, recorded
             )
         cfg.base_model_name_or_path = found or recorded
+        if found:
+            for folder in (recorded, loaded_from):
+                if folder and os.path.isfile(os.path.join(os.path.expanduser(folder), "config.json")):
+                    local_folders.add(os.path.expanduser(folder))
+                    break
         if cfg.task_type is None and causal:
             cfg.task_type = "CAUSAL_LM"
         if note and found and not (cfg.training_info or {}).get("base_weights"):
             cfg.training_info = {**(cfg.training_info or {}), "base_weights": note}
+    if len(local_folders) != 1:
+        return {}
+    vocab_size = getattr(base.config, "vocab_size", None)
+    original = type(base.config).from_pretrained(local_folders.pop())
+    return {"save_embedding_layers": bool(vocab_size) and vocab_size != getattr(original, "vocab_size", vocab_size)}
 
 
 def save_for_hub(

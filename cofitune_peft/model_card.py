@@ -53,9 +53,11 @@ def record_training_info(model, info: dict) -> None:
     record_training_info(peft_model, {"trainer": "my loop", "steps": 500, "learning_rate": 2e-4})
     ```
     """
-    configs = getattr(model, "peft_config", None) or {}
-    active = getattr(model, "active_adapters", None) or list(configs)
-    for name in active:
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return
+    active = getattr(model, "active_adapters", None)  # a PeftModel's property (transformers models have a method)
+    for name in active if isinstance(active, (list, tuple)) else list(configs):
         cfg = configs.get(name)
         if isinstance(cfg, CoFiTuneConfig):
             cfg.training_info = {**(cfg.training_info or {}), **{k: v for k, v in info.items() if v is not None}}
