@@ -215,7 +215,12 @@ def lora_card(lora_config, rank: int | float, source: str | None = None):
         tags=tags,
     )
     ranks = sorted(set((lora_config.rank_pattern or {}).values()) or {lora_config.r})
-    made_from = f"the CoFiTune adapter `{source}`" if source else "a CoFiTune adapter"
+    # a local path means nothing to someone reading the card on the Hub
+    made_from = (
+        f"the CoFiTune adapter [`{source}`](https://huggingface.co/{source})"
+        if is_hub_id(source)
+        else "a CoFiTune adapter"
+    )
     auto = "AutoModelForCausalLM" if causal else "AutoModel"
     text = "\n".join(
         [
