@@ -77,8 +77,8 @@ def register(config_cls, model_cls, card_writer=None, before_save=None, push=Non
     """Register CoFiTune with PEFT; safe to call any number of times.
 
     `card_writer(peft_model, output_dir)` rewrites the model card after PEFT wrote its own;
-    `before_save(peft_model, base_model_id)` runs before a CoFiTune adapter is saved (`base_model_id` is the keyword
-    `save_pretrained` accepts on top of PEFT's) and returns defaults for PEFT's keyword arguments;
+    `before_save(peft_model, base_model_id)` runs before any PeftModel is saved (`base_model_id` is the keyword
+    `save_pretrained` accepts on top of PEFT's, for CoFiTune adapters) and returns defaults for PEFT's keyword arguments;
     `push(peft_model, repo_id, **kwargs)` replaces `push_to_hub` for CoFiTune adapters.
     """
     import warnings
@@ -104,14 +104,13 @@ def _uses_cofitune(peft_model) -> bool:
 def _atomic_save_pretrained(original, before_save=None):
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, base_model_id=None, **kwargs):
-        if not _uses_cofitune(self):
-            if base_model_id is not None:
-                raise CoFiTuneError("`base_model_id` is a save_pretrained argument of CoFiTune adapters only.")
-            return original(self, save_directory, *args, **kwargs)
-        if before_save is not None:
+        cofitune = _uses_cofitune(self)
+        if base_model_id is not None and not cofitune:
+            raise CoFiTuneError("`base_model_id` is a save_pretrained argument of CoFiTune adapters only.")
+        if before_save is not None:  # for other methods it only fills PEFT defaults for a model it marked
             for key, value in (before_save(self, base_model_id) or {}).items():
                 kwargs.setdefault(key, value)
-        if kwargs.get("is_main_process", True) is False:
+        if not cofitune or kwargs.get("is_main_process", True) is False:
             return original(self, save_directory, *args, **kwargs)
         if os.path.isfile(save_directory):
             raise CoFiTuneError(

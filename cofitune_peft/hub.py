@@ -159,7 +159,8 @@ def is_causal_lm(model) -> bool:
 
 def prepare_for_save(peft_model, base_model_id: str | None = None) -> dict:
     """Fill in what a CoFiTune adapter's files record about its base model: the Hub id (module docstring), the task
-    type `CAUSAL_LM` for a causal LM, and the note `set_base_model_id` left on the base model.
+    type `CAUSAL_LM` for a causal LM, and the note `set_base_model_id` left on the base model. Adapters of other PEFT
+    methods are left as they are.
 
     Returns keyword arguments for PEFT's `save_pretrained`: when an adapter now names a Hub id but its base was read
     from a local folder, `save_embedding_layers` is decided against that folder's config, as PEFT did before the id
@@ -168,12 +169,17 @@ def prepare_for_save(peft_model, base_model_id: str | None = None) -> dict:
     if base_model_id is not None:
         check_hub_id(base_model_id, "base_model_id")
     base = peft_model.get_base_model()
-    loaded_from = getattr(base, LOADED_FROM_ATTRIBUTE, None) or base.__dict__.get("name_or_path") or None
+    marked_folder = getattr(base, LOADED_FROM_ATTRIBUTE, None)
+    loaded_from = marked_folder or base.__dict__.get("name_or_path") or None
     note = getattr(base, BASE_NOTE_ATTRIBUTE, None)
     causal = is_causal_lm(peft_model)
     local_folders = set()
     for name, cfg in peft_model.peft_config.items():
         if not isinstance(cfg, CoFiTuneConfig):
+            # another method (a LoRA on the embedded SmolLM2): PEFT records the id `set_base_model_id` set; its
+            # vocabulary check then reads the folder the weights came from, as for CoFiTune below
+            if marked_folder and hub_id_of(cfg.base_model_name_or_path):
+                local_folders.add(os.path.expanduser(marked_folder))
             continue
         recorded = cfg.base_model_name_or_path or loaded_from
         found = base_model_id or hub_id_of(recorded)
@@ -191,10 +197,11 @@ def prepare_for_save(peft_model, base_model_id: str | None = None) -> dict:
             cfg.task_type = "CAUSAL_LM"
         if note and found and not (cfg.training_info or {}).get("base_weights"):
             cfg.training_info = {**(cfg.training_info or {}), "base_weights": note}
-    if len(local_folders) != 1:
+    config = getattr(base, "config", None)
+    if len(local_folders) != 1 or config is None:
         return {}
-    vocab_size = getattr(base.config, "vocab_size", None)
-    original = type(base.config).from_pretrained(local_folders.pop())
+    vocab_size = getattr(config, "vocab_size", None)
+    original = type(config).from_pretrained(local_folders.pop())
     return {"save_embedding_layers": bool(vocab_size) and vocab_size != getattr(original, "vocab_size", vocab_size)}
 
 

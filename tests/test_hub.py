@@ -138,6 +138,20 @@ def test_set_base_model_id_names_the_base_and_the_card_says_how_the_weights_diff
         set_base_model_id(model, "not an id")
 
 
+def test_a_lora_on_a_model_named_by_set_base_model_id_saves_without_asking_the_hub(tmp_path):
+    from peft import LoraConfig
+
+    base_path = save_base(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    set_base_model_id(model, BASE_ID)  # what load_smollm2 does: LoRA baselines on it record the id too
+    lora = get_peft_model(model, LoraConfig(target_modules=["q_proj"], r=2))
+    hub = FakeHub()
+    with hub.serving():
+        lora.save_pretrained(tmp_path / "lora")
+    assert hub.requests == []  # PEFT's vocabulary check read the local folder
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE_ID
+
+
 def test_save_pretrained_takes_base_model_id(tmp_path):
     model = trained_adapter(save_base(tmp_path))
     model.save_pretrained(tmp_path / "adapter", base_model_id=BASE_ID)
