@@ -143,7 +143,7 @@ def _facts_table(peft_model, name: str, cfg: CoFiTuneConfig, base_id: str | None
     if trained:
         share = f" ({100 * trained / total:.1f}% of the base model's {_millions(total)})" if total else ""
         rows.append(("trained parameters", f"{_millions(trained)}{share}"))
-    rows.append(("soft mask", _mask(peft_model, name, cfg)))
+    rows.append(("soft mask", _mask(peft_model, name, cfg, base_id)))
     if cfg.strength != 1.0:
         rows.append(("strength", f"{cfg.strength:g} (W = W0 + strength * s * Delta)"))
     for key, label in _TRAINING_LABELS.items():
@@ -174,8 +174,24 @@ def _parts(peft_model, name: str, cfg: CoFiTuneConfig) -> str:
     return f"`{selection}`{found}"
 
 
-def _mask(peft_model, name: str, cfg: CoFiTuneConfig) -> str:
-    source = cfg.to_dict().get("importance_source")
+def _published_source(source: str | None, base_id: str | None) -> str | None:
+    """`importance_source` as a card on the Hub should show it: a local importance file by its name, the local folder
+    an in-memory importance was estimated on (`model=...`) by the base model's Hub id."""
+    if source is None:
+        return None
+    if os.path.isabs(source) or os.path.isfile(source):
+        return f"`{os.path.basename(source)}`"
+
+    def model(match: re.Match) -> str:
+        path = match.group(1)
+        local = os.path.isabs(path) or os.path.exists(path)
+        return f"model={base_id or 'the base model'}" if local else match.group(0)
+
+    return re.sub(r"model=([^,)]+)", model, source)
+
+
+def _mask(peft_model, name: str, cfg: CoFiTuneConfig, base_id: str | None) -> str:
+    source = _published_source(cfg.to_dict().get("importance_source"), base_id)
     if cfg.softmask_mode == "none":
         return "off (`softmask_mode='none'`)"
     tuner = peft_model.base_model

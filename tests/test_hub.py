@@ -211,6 +211,18 @@ def test_the_card_is_a_card_for_this_adapter(tmp_path):
     assert body.count(BEGIN) == 1 and body.count(END) == 1
 
 
+def test_the_card_shows_no_local_path(tmp_path):
+    base_path = save_base(tmp_path)
+    imp = Importance(intermediate=torch.rand(8, 48), metadata={"model": str(base_path), "num_tokens": 10})
+    imp.save(tmp_path / "importance.safetensors")
+    for source, shown in ((imp, f"model={BASE_ID}, num_tokens=10"), (str(tmp_path / "importance.safetensors"), None)):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), CoFiTuneConfig(importance=source))
+        model.save_pretrained(tmp_path / "adapter", base_model_id=BASE_ID)
+        card = (tmp_path / "adapter" / "README.md").read_text()
+        assert str(tmp_path) not in card
+        assert (shown or "importance from `importance.safetensors`") in card
+
+
 def test_text_written_into_the_card_survives_the_next_save(tmp_path):
     model = trained_adapter(save_base(tmp_path))
     folder = tmp_path / "adapter"
