@@ -86,6 +86,10 @@ class CoFiTuneConfig(PeftConfig):
             for tests only.
         modules_to_save (`list[str]`, *optional*, defaults to `None`):
             Extra modules to train fully and save (e.g. a classification head), as in other PEFT methods.
+        training_info (`dict`, *optional*, defaults to `None`):
+            How the adapter was trained, for its model card (JSON values: `trainer`, `steps`, `learning_rate`,
+            `batch_size`, `optimizer`, `seed`, ...; `base_weights` when the base model's weights are not the Hub's).
+            Filled by `CoFiTuneCallback` and the kit's `train_sft`; informational, never read by the method.
 
     Example:
 
@@ -142,6 +146,9 @@ class CoFiTuneConfig(PeftConfig):
     importance_source: str | None = field(
         default=None, metadata={"help": "Where the saved mask came from (set automatically; informational)."}
     )
+    training_info: dict | None = field(
+        default=None, metadata={"help": "How the adapter was trained, for its model card (set automatically)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -191,6 +198,8 @@ class CoFiTuneConfig(PeftConfig):
                         problems.append(f"`unit_map[{name!r}]` must be one of {allowed}, got {unit!r}.")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             problems.append(f"`save_dtype` must be None or one of {SAVE_DTYPES}, got {self.save_dtype!r}.")
+        if self.training_info is not None and not isinstance(self.training_info, dict):
+            problems.append(f"`training_info` must be None or a dict of JSON values, got {self.training_info!r}.")
         for flag in ("fix_input_grads", "init_weights"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")

@@ -17,6 +17,7 @@ import torch
 
 from cofitune_peft import CoFiTuneError
 from cofitune_peft.architectures import spec_for
+from cofitune_peft.errors import import_extra
 from cofitune_peft.estimation import ACCUMULATE, RECIPES, estimate_importance
 from cofitune_peft.importance import PARTS
 
@@ -67,7 +68,7 @@ def _check_out_path(flag: str, path: str | None) -> None:
 def _read_data(path: str):
     """A list of texts / examples from a .txt, .jsonl or .json file, or a `datasets` folder."""
     if os.path.isdir(path):
-        import datasets
+        datasets = import_extra("datasets", "`--data` with a `datasets.save_to_disk` folder", extra="eval")
 
         try:
             data = datasets.load_from_disk(path)

@@ -276,6 +276,8 @@ class _Comparison:
                 path = os.path.join(self.output_dir, "adapters", _run_key(method.name, lr, seed))
                 with atomic_path(path, directory=True) as tmp:
                     trained.save_pretrained(tmp)
+            elif method.name in self.save_adapters:
+                logger.warning("%s trains the whole model, not an adapter: no adapter saved for it", method.name)
             self._score_and_save(trained, method.name, lr, seed, None, train)
         for child, value in derived:
             self._score_and_save(child.derive(trained, base_state, value), child.name, lr, seed, value, None)

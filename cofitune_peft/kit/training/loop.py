@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cofitune_peft import CoFiTuneError
+from cofitune_peft.model_card import record_training_info
 from cofitune_peft.utils import device_of
 
 from .encoding import IGNORE_INDEX, collate, encode_example, pad_id_of
@@ -266,7 +267,7 @@ def train_sft(
     if not params:
         raise CoFiTuneError("the model has no parameter with `requires_grad=True`: nothing would train.")
     optimizer, scheduler = _adamw_with_schedule(params, learning_rate, betas, weight_decay, steps, warmup_ratio)
-    return _train(
+    stats = _train(
         model,
         encoded,
         params,
@@ -279,3 +280,21 @@ def train_sft(
         seed=seed,
         progress=progress,
     )
+    record_training_info(
+        model,
+        {
+            "trainer": "cofitune-peft train_sft",
+            "steps": steps,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "learning_rate": float(learning_rate),
+            "optimizer": f"AdamW, betas ({betas[0]:g}, {betas[1]:g})",
+            "lr_scheduler": "cosine",
+            "warmup": f"{warmup_ratio:g} of the steps ({round(warmup_ratio * steps)})",
+            "weight_decay": float(weight_decay),
+            "max_length": max_length,
+            "precision": str(params[0][1].dtype).replace("torch.", ""),
+            "seed": seed,
+        },
+    )
+    return stats
