@@ -96,6 +96,10 @@ class CoFiTuneConfig(PeftConfig):
             for tests only.
         modules_to_save (`list[str]`, *optional*, defaults to `None`):
             Extra modules to train fully and save (e.g. a classification head), as in other PEFT methods.
+        training_info (`dict`, *optional*, defaults to `None`):
+            How the adapter was trained, for its model card (JSON values: `trainer`, `steps`, `learning_rate`,
+            `batch_size`, `optimizer`, `seed`, ...; `base_weights` when the base model's weights are not the Hub's).
+            Filled by `CoFiTuneCallback` and the kit's `train_sft`; informational, never read by the method.
 
     Example:
 
@@ -158,6 +162,9 @@ class CoFiTuneConfig(PeftConfig):
     importance_source: str | None = field(
         default=None, metadata={"help": "Where the saved mask came from (set automatically; informational)."}
     )
+    training_info: dict | None = field(
+        default=None, metadata={"help": "How the adapter was trained, for its model card (set automatically)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -212,6 +219,8 @@ class CoFiTuneConfig(PeftConfig):
                 f"`delta_dtype` must be None (PEFT's choice: fp32 on a bf16/fp16 base) or one of {DELTA_DTYPES}, "
                 f"got {self.delta_dtype!r}."
             )
+        if self.training_info is not None and not isinstance(self.training_info, dict):
+            problems.append(f"`training_info` must be None or a dict of JSON values, got {self.training_info!r}.")
         for flag in ("fix_input_grads", "init_weights"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")

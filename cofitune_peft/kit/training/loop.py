@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cofitune_peft import CoFiTuneError
+from cofitune_peft.model_card import record_training_info
 from cofitune_peft.utils import device_of
 
 from .encoding import IGNORE_INDEX, collate, encode_example, pad_id_of
@@ -307,7 +308,7 @@ def train_sft(
             "gradients over micro-batches; use `gradient_accumulation_steps=1` (the step's batch is `batch_size` "
             "either way), or `fused_backward=False`."
         )
-    return _train(
+    stats = _train(
         model,
         encoded,
         params,
@@ -320,3 +321,21 @@ def train_sft(
         seed=seed,
         progress=progress,
     )
+    record_training_info(
+        model,
+        {
+            "trainer": "cofitune-peft train_sft",
+            "steps": steps,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "learning_rate": float(learning_rate),
+            "optimizer": f"{type(optimizer).__name__}, betas ({betas[0]:g}, {betas[1]:g})",
+            "lr_scheduler": "cosine",
+            "warmup": f"{warmup_ratio:g} of the steps ({round(warmup_ratio * steps)})",
+            "weight_decay": float(weight_decay),
+            "max_length": max_length,
+            "precision": str(params[0][1].dtype).replace("torch.", ""),
+            "seed": seed,
+        },
+    )
+    return stats
