@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
@@ -15,6 +16,7 @@ from .importance import Importance
 
 SOFTMASK_MODES = ("update", "gradient", "none")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+DELTA_DTYPES = SAVE_DTYPES
 MASK_BUDGETS = ("raw", "mean_one")
 
 
@@ -88,9 +90,18 @@ class CoFiTuneConfig(PeftConfig):
             The name of the decoder-layer `ModuleList` (`"layers"`, `"h"`, or a dotted path such as
             `"model.language_model.layers"`); only needed when a model has several layer stacks. Filled in once the
             adapter is built.
+        delta_dtype (`str`, *optional*, defaults to `None`):
+            The dtype the trained deltas are created, trained and saved in: `"float32"`, `"bfloat16"` or `"float16"`,
+            whatever PEFT's `autocast_adapter_dtype` says (it is applied after PEFT's cast, when the adapter is built
+            and when it is loaded). `None` keeps PEFT's behaviour: the base weight's dtype, which PEFT's default
+            `autocast_adapter_dtype=True` upcasts to float32 for a bf16/fp16 base. In bf16 the deltas, their gradients
+            and (with `torch.optim.AdamW`) the optimizer states take half the memory of fp32; the delta starts at zero
+            and stays small, so its rounding is far finer than that of the weight it is added to. To keep small steps
+            that plain rounding would drop, train with `CoFiTuneAdamW` (stochastic rounding), see docs/memory.md.
         save_dtype (`str`, *optional*, defaults to `None`):
             Store the trained deltas as `"bfloat16"`/`"float16"` to halve the adapter file (they load back into the
-            training dtype). `None` keeps the parameter dtype.
+            training dtype). `None` keeps the parameter dtype (the deltas' dtype, so bf16 deltas save as bf16 and
+            load back bit for bit).
         fix_input_grads (`bool`, *optional*, defaults to `True`):
             Remove the input-require-grads hook that Trainer/TRL add for gradient checkpointing, so that layers below
             the window stay out of the backward pass (with reentrant checkpointing the window's first layer input is
@@ -100,6 +111,10 @@ class CoFiTuneConfig(PeftConfig):
             for tests only.
         modules_to_save (`list[str]`, *optional*, defaults to `None`):
             Extra modules to train fully and save (e.g. a classification head), as in other PEFT methods.
+        training_info (`dict`, *optional*, defaults to `None`):
+            How the adapter was trained, for its model card (JSON values: `trainer`, `steps`, `learning_rate`,
+            `batch_size`, `optimizer`, `seed`, ...; `base_weights` when the base model's weights are not the Hub's).
+            Filled by `CoFiTuneCallback` and the kit's `train_sft`; informational, never read by the method.
 
     Example:
 
@@ -149,6 +164,12 @@ class CoFiTuneConfig(PeftConfig):
         default=None, metadata={"help": "Module name -> unit, for architectures without a built-in layout."}
     )
     layers_pattern: str | None = field(default=None, metadata={"help": "Name of the decoder-layer ModuleList."})
+    delta_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype of the trained deltas: float32/bfloat16/float16 (None: PEFT's, fp32 on a bf16 base)."
+        },
+    )
     save_dtype: str | None = field(
         default=None, metadata={"help": "Dtype of the saved deltas: float32/bfloat16/float16."}
     )
@@ -159,6 +180,9 @@ class CoFiTuneConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
     importance_source: str | None = field(
         default=None, metadata={"help": "Where the saved mask came from (set automatically; informational)."}
+    )
+    training_info: dict | None = field(
+        default=None, metadata={"help": "How the adapter was trained, for its model card (set automatically)."}
     )
 
     def __post_init__(self):
@@ -209,6 +233,13 @@ class CoFiTuneConfig(PeftConfig):
                         problems.append(f"`unit_map[{name!r}]` must be one of {allowed}, got {unit!r}.")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             problems.append(f"`save_dtype` must be None or one of {SAVE_DTYPES}, got {self.save_dtype!r}.")
+        if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:
+            problems.append(
+                f"`delta_dtype` must be None (PEFT's choice: fp32 on a bf16/fp16 base) or one of {DELTA_DTYPES}, "
+                f"got {self.delta_dtype!r}."
+            )
+        if self.training_info is not None and not isinstance(self.training_info, dict):
+            problems.append(f"`training_info` must be None or a dict of JSON values, got {self.training_info!r}.")
         for flag in ("fix_input_grads", "init_weights"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
@@ -287,6 +318,11 @@ class CoFiTuneConfig(PeftConfig):
                 "`target_modules` must be None, module names (a non-empty list of strings) or a regex (a string), "
                 f"got {self.target_modules!r}."
             )
+        elif isinstance(tm, str) and not _is_regex(tm):
+            problems.append(
+                f"`target_modules` is a string, which PEFT reads as a regex over module names, but {tm!r} is not a "
+                "valid regex; pass module names as a list, or fix the regex."
+            )
         if parts is None:
             parts = "ffn" if tm is None else "all"
         if isinstance(parts, str):
@@ -330,6 +366,14 @@ class CoFiTuneConfig(PeftConfig):
 
 def _is_names(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(x, str) and x for x in value)
+
+
+def _is_regex(value: str) -> bool:
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True
 
 
 def _is_selection(value) -> bool:

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from .architectures import full_shape, param_owner
 from .errors import CoFiTuneError
-from .layer import DeltaWeight
+from .layer import DeltaWeight, delta_dtype_for
 
 
 def _key(name: str) -> str:
@@ -109,14 +109,14 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
         init_weights: bool = True,
         inference_mode: bool = False,
         strength: float = 1.0,
+        delta_dtype: str | None = None,
     ) -> None:
         deltas, scales, rows, dims = {}, {}, {}, {}
         for name, plan in params.items():
             weight = self._param(name)
             shape = full_shape(weight)
-            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
             device = weight.device if weight.device.type != "meta" else None
-            deltas[name] = DeltaWeight(shape, dtype, device)
+            deltas[name] = DeltaWeight.for_base(self.get_base_layer(), shape, delta_dtype, weight)
             if not init_weights:
                 with torch.no_grad():
                     deltas[name].weight.normal_(0.0, 0.02)
@@ -133,7 +133,16 @@ class ExpertsLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        return  # the deltas are created on their parameter's device, in its dtype
+        return  # the deltas are created on their parameter's device, in their dtype
+
+    def cast_adapter_(self, adapter_name: str, delta_dtype: str | None, autocast_adapter_dtype: bool = True) -> None:
+        """`CoFiTuneLayer.cast_adapter_` for each expert delta: `delta_dtype` when given, else PEFT's float32 upcast
+        of a bf16/fp16 delta (when `autocast_adapter_dtype`)."""
+        for delta in self.cofitune_delta[adapter_name].values() if adapter_name in self.cofitune_delta else ():
+            if delta_dtype is not None:
+                delta.cast_(delta_dtype_for(self.get_base_layer(), delta_dtype, delta.weight))
+            elif autocast_adapter_dtype and delta.weight.dtype in (torch.float16, torch.bfloat16):
+                delta.cast_(torch.float32)
 
     # ------------------------------------------------------------------ the masked delta
 

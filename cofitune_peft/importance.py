@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .architectures import EXPERT_PARTS, PARTS, ModelLayout, model_layout
-from .errors import CoFiTuneError
+from .errors import CoFiTuneError, missing_extra
 from .utils import atomic_path
 
 FORMAT = "cofitune-importance"
@@ -357,13 +357,11 @@ class Importance:
         return cls(**tensors, normalized=meta.get("normalized") == "true", metadata=user_meta, units=units or None)
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
-        """A layers x units heatmap per part, written as a PNG (needs matplotlib: `pip install cofitune-peft[eval]`)."""
+        """A layers x units heatmap per part, written as a PNG (needs matplotlib: `pip install "cofitune-peft[eval]"`)."""
         try:
             from matplotlib.figure import Figure
-        except ImportError as err:
-            raise CoFiTuneError(
-                "`Importance.plot` needs matplotlib; install it with `pip install cofitune-peft[eval]`."
-            ) from err
+        except ModuleNotFoundError as err:
+            raise missing_extra("matplotlib", "`Importance.plot`", "eval") from err
 
         parts = self.parts()
         fig = Figure(figsize=(5 * len(parts), 4), layout="constrained")

@@ -65,6 +65,7 @@ class CoFiTuneModel(BaseTuner):
             "init_weights": peft_config.init_weights,
             "inference_mode": peft_config.inference_mode,
             "strength": getattr(peft_config, "strength", 1.0),
+            "delta_dtype": getattr(peft_config, "delta_dtype", None),
         }
         if entries[0].layout.param is not None:
             params = {
@@ -116,6 +117,26 @@ class CoFiTuneModel(BaseTuner):
             self._cofitune_window_hook = None
             # Where `enable_input_require_grads` leaves its hooks; looked up once, checked every forward.
             self._cofitune_embeddings = _compat.input_embeddings(model)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's cast after injection and loading, with `CoFiTuneConfig.delta_dtype` applied to the deltas.
+
+        PEFT (`autocast_adapter_dtype=True`, its default) upcasts bf16/fp16 adapter weights to float32. A config with
+        `delta_dtype` keeps its deltas in that dtype instead, whatever the flag says; the deltas are cast one at a
+        time, never all at once in float32. Other tuner layers (e.g. `modules_to_save`) get PEFT's own cast.
+        """
+        config = self.peft_config.get(adapter_name)
+        delta_dtype = getattr(config, "delta_dtype", None)
+        if delta_dtype is None:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+
+        for module in self.model.modules():
+            if isinstance(module, (CoFiTuneLayer, ExpertsLayer)):
+                module.cast_adapter_(adapter_name, delta_dtype, autocast_adapter_dtype)
+            elif isinstance(module, BaseTunerLayer):
+                cast_adapter_dtype(module, adapter_name, autocast_adapter_dtype)
 
     @property
     def _importances(self) -> dict[str, Importance | None]:

@@ -69,6 +69,7 @@ def weighted_config(
             raise CoFiTuneError(f"adapter {a!r} has no resolved layers; it was not built on this model.")
         layers.update(indices)
     save_dtypes = {c.save_dtype for c in configs}
+    delta_dtypes = {getattr(c, "delta_dtype", None) for c in configs}
     first = configs[0]
     return CoFiTuneConfig(
         layers_to_transform=sorted(layers),
@@ -77,6 +78,7 @@ def weighted_config(
         unit_map=first.unit_map,
         layers_pattern=first.layers_pattern,
         save_dtype=save_dtypes.pop() if len(save_dtypes) == 1 else None,
+        delta_dtype=delta_dtypes.pop() if len(delta_dtypes) == 1 else None,
         fix_input_grads=first.fix_input_grads,
         base_model_name_or_path=first.base_model_name_or_path,
         task_type=first.task_type,

@@ -184,9 +184,12 @@ def test_model_card_says_cofitune(tmp_path):
     pm.save_pretrained(tmp_path / "adapter")
     pm.save_pretrained(tmp_path / "adapter")  # a second save replaces the section, not appends
     card = (tmp_path / "adapter" / "README.md").read_text()
-    assert card.count("## CoFiTune") == 1
-    assert "decoder layers 3..4" in card and "`ffn`" in card and str(base_path) in card
-    assert "cofitune" in card.split("---")[1]  # a tag in the YAML header
+    assert card.count("cofitune-peft: begin") == 1 and card.count("## What it was trained for") == 1
+    assert "decoder layers 3..4" in card and "`ffn`" in card
+    header = card.split("---")[1]
+    assert "cofitune" in header  # a tag in the YAML header
+    # a local folder without a Hub id: no `base_model`, and its path is no tag (tests/test_hub.py has the rest)
+    assert "base_model" not in header and str(base_path) not in card
 
 
 def test_auto_peft_model(tmp_path):

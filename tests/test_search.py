@@ -259,7 +259,7 @@ def test_search_with_the_project_evaluators(tmp_path):
     versatility = VersatilityEval.default(GENERAL, tokenizer=tok, kl_top_k=8, progress=False)
     result = run_search(tmp_path, speciality=speciality, versatility=versatility, windows=[(0, 4)], levels=("window",))
     assert result.table.loc["base", "Vers."] == 1.0
-    assert os.path.isfile(tmp_path / "run" / "versatility_reference.pt")
+    assert os.path.isfile(tmp_path / "run" / "versatility_reference.safetensors")
     details = result.records[-1]["versatility_details"]
     assert set(details["components"]) == {"ce", "kl"}
     # resuming restores the reference from disk instead of re-running the base model

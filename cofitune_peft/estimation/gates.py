@@ -16,7 +16,9 @@ attention dropout here acts on the per-head attention output (the input of the o
 sit), and the FFN dropout on the down projection's output (on a routed-experts module's output), for every
 architecture alike. The model runs in *eval* mode: its own dropout (0.1 in GPT-2 and OPT, none in LLaMA) is off, so the
 injected dropout is the only noise everywhere, which is what train mode gives on LLaMA. The two passes are one forward
-of the batch stacked twice.
+of the batch stacked twice. `estimate_importance(..., attention_dropout="probabilities")` moves the attention dropout
+onto the attention probabilities, as the authors have it, under eager attention (`attention.py`); the head gates stay
+where they are.
 """
 
 from __future__ import annotations
@@ -34,9 +36,18 @@ from ..architectures import EXPERT_PARTS, ModelLayout, base_of, param_owner
 class _Gates:
     """Virtual gates and injected dropout, added to a model with hooks; `remove()` takes every hook off again."""
 
-    def __init__(self, model: nn.Module, layout: ModelLayout, parts: Sequence[str], dropout: float):
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ModelLayout,
+        parts: Sequence[str],
+        dropout: float,
+        head_output_dropout: bool = True,
+    ):
         self.layout, self.dropout = layout, dropout
         widths, experts = layout.widths(), layout.experts()
+        # False when the attention dropout sits on the attention probabilities instead (`attention.py`).
+        self.head_output_dropout = head_output_dropout
         self.gates: dict[str, list[torch.Tensor]] = {p: [] for p in parts}
         self.handles: list = []
         self._parametrized: list[tuple[nn.Module, str]] = []
@@ -138,7 +149,7 @@ class _Gates:
             x = args[0]  # [batch, seq, heads * head_dim]
             if gate is not None:
                 x = (x.unflatten(-1, (heads, head_dim)) * gate.to(x.dtype)[:, None]).flatten(-2)
-            return (self._drop(x), *args[1:])
+            return (self._drop(x) if self.head_output_dropout else x, *args[1:])
 
         return hook
 
@@ -183,15 +194,18 @@ class _ScaledWeight(nn.Module):
         return w.reshape(self.shape)
 
 
-def _kl_proxy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`KL(softmax(logits_2) || softmax(logits_1))` summed over non-padding tokens; both passes in one forward."""
+def _kl_proxy(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, all_positions: bool = False
+) -> torch.Tensor:
+    """`KL(softmax(logits_2) || softmax(logits_1))` summed over non-padding tokens (over every position, padding
+    included, with `all_positions`, as the authors' code does); both passes in one forward."""
     batch = input_ids.shape[0]
     logits = model(
         input_ids=input_ids.repeat(2, 1), attention_mask=attention_mask.repeat(2, 1), use_cache=False
     ).logits  # [2 * batch, seq, vocab]
     logp = F.log_softmax(logits.float(), dim=-1)
     kl = F.kl_div(logp[:batch], logp[batch:], log_target=True, reduction="none").sum(-1)  # [batch, seq]
-    return (kl * attention_mask.to(kl.dtype)).sum()
+    return kl.sum() if all_positions else (kl * attention_mask.to(kl.dtype)).sum()
 
 
 def _lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
+from cofitune_peft.errors import import_extra
 from cofitune_peft.utils import write_json_atomic
 
 from ..evaluation import speciality_score, unified_score, versatility_score
@@ -57,7 +58,7 @@ class SearchResult:
     @property
     def table(self):
         """A pandas DataFrame, one row per candidate (base and full first), indexed by candidate key."""
-        import pandas as pd
+        pd = import_extra("pandas", "`SearchResult.table`", extra="eval")
 
         rows = []
         for r in self.records:

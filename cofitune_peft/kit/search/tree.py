@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
-from cofitune_peft.utils import atomic_path, write_json_atomic
+from cofitune_peft.utils import write_json_atomic
 
 from ..evaluation import VersatilityEval
 from ..evaluation.speciality import speciality_for_examples
 from ..fingerprint import fingerprint
+from ..state_file import legacy_pickle_error, load_state, save_state
 from ..training import train_sft
 from .result import SearchResult
 
@@ -140,8 +141,7 @@ def _load_full_reference(full_reference) -> dict:
 
 def _save_reference(versatility, path: str) -> None:
     if hasattr(versatility, "reference_state"):
-        with atomic_path(path) as tmp:
-            torch.save(versatility.reference_state(), tmp)
+        save_state(versatility.reference_state(), path)
 
 
 def _argument_problems(budget_steps, levels: tuple, width, train_dataset: list, weight) -> list[str]:
@@ -436,15 +436,19 @@ class LayerSearch:
         versatility = self.versatility
         if self._reference_ready or not hasattr(versatility, "prepare"):
             return
-        ref_path = os.path.join(self.output_dir, "versatility_reference.pt")
+        legacy = os.path.join(self.output_dir, "versatility_reference.pt")
+        if os.path.isfile(legacy):
+            raise legacy_pickle_error(legacy, "search's versatility reference")
+        ref_path = os.path.join(self.output_dir, "versatility_reference.safetensors")
         if getattr(versatility, "reference", None) is not None and not os.path.isfile(ref_path):
             # prepared by the caller (`base_model=`): keep it, and save it for a resumed run
             _save_reference(versatility, ref_path)
             self._reference_ready = True
             return
         if os.path.isfile(ref_path) and hasattr(versatility, "load_reference_state"):
+            state = load_state(ref_path)  # refuses, by name, any file it did not write
             try:
-                versatility.load_reference_state(torch.load(ref_path, weights_only=False))
+                versatility.load_reference_state(state)
                 self._reference_ready = True
                 return
             except CoFiTuneError:
