@@ -1,5 +1,6 @@
 """Mixture-of-experts layers: a delta per expert on the fused expert weights, the soft mask and importance per expert
-unit, save/load in a fresh process, merge, the memory model and the refusals where a LoRA cannot express them."""
+unit, save/load in a fresh process, merge, `delta_dtype`, the memory model (optimizer terms included), the authors'
+estimator recipe on MoE and hybrid layers, and the refusals where a LoRA cannot express them."""
 
 from __future__ import annotations
 
@@ -210,3 +211,61 @@ def test_per_expert_modules_train_and_are_estimated_like_dense_ffns():
     assert tuple(imp.intermediate.shape) == (4, 3 * 16)  # each expert's units, one after the other
     set_importance(pm, imp)
     _train(pm)
+
+
+def test_expert_deltas_follow_delta_dtype_and_peft_autocast(tmp_path):
+    # `delta_dtype` applies to the expert deltas as to every other (one creation path, `DeltaWeight.for_base`)
+    pm = get_peft_model(_model("mixtral"), CoFiTuneConfig(layers=(0, 4), delta_dtype="bfloat16"))
+    layer = next(m for m in pm.modules() if isinstance(m, ExpertsLayer))
+    assert {d.weight.dtype for d in layer.cofitune_delta["default"].values()} == {torch.bfloat16}
+    _train(pm)
+    pm.save_pretrained(tmp_path)
+    trained = {k: d.weight.detach().clone() for k, d in layer.cofitune_delta["default"].items()}
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(_model("mixtral"), tmp_path)
+    layer = next(m for m in loaded.modules() if isinstance(m, ExpertsLayer))
+    assert all(torch.equal(d.weight, trained[k]) for k, d in layer.cofitune_delta["default"].items())
+    # without it, PEFT's default autocast upcasts a bf16 base's expert deltas to float32, as for LoRA
+    pm = get_peft_model(_model("mixtral").to(torch.bfloat16), CoFiTuneConfig(layers=(0, 4)))
+    layer = next(m for m in pm.modules() if isinstance(m, ExpertsLayer))
+    assert {d.weight.dtype for d in layer.cofitune_delta["default"].values()} == {torch.float32}
+    with torch.no_grad():
+        assert pm(input_ids=IDS).logits.dtype == torch.bfloat16
+
+
+def test_memory_model_optimizer_terms_count_each_expert_delta_as_one_tensor():
+    from cofitune_peft.kit.memory import estimate_training_memory
+
+    pm = get_peft_model(_model("mixtral"), CoFiTuneConfig(layers=(0, 4)))
+    trained = [p for p in pm.parameters() if p.requires_grad]
+    config = tiny_config("mixtral")
+    kwargs = {"layers": (0, 4), "dtype": "float32", "optimizer": "cofitune_adamw", "device": "cpu"}
+    fused = estimate_training_memory(config, "cofitune", fused_step=True, **kwargs)
+    assert fused.components["gradients"] == 4 * max(p.numel() for p in trained)  # a whole expert delta
+    factored = estimate_training_memory(config, "cofitune", second_moment="factored", momentum=False, **kwargs)
+    # Adafactor's row and column statistics of each delta, viewed [shape[0], numel / shape[0]] as the optimizer does
+    rows_cols = [(p.shape[0], p.numel() // p.shape[0]) for p in trained]
+    assert factored.components["optimizer_states"] == sum(4 * (r + c) for r, c in rows_cols)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "jamba"])
+def test_the_authors_recipe_puts_dropout_on_the_attention_layers_a_moe_or_hybrid_model_has(family):
+    model = _model(family)
+    kernel = model.config._attn_implementation
+    heads = [any(g.kind == "heads" for g in layer.gates) for layer in model_layout(model).layers]
+    assert all(heads) == (family == "mixtral")  # Jamba's Mamba layers have no attention to put dropout on
+    imp = estimate_importance(model, _loader(IDS), num_samples=2, progress=False, recipe="authors")
+    assert imp.metadata["attention_dropout"] == "probabilities" and imp.metadata["attn_implementation"] == "eager"
+    assert model.config._attn_implementation == kernel  # switched for the estimate and back
+    assert imp.heads[torch.tensor(heads)].abs().sum() > 0 and imp.expert_intermediate.abs().sum() > 0
+
+
+def test_probability_dropout_on_a_model_without_readable_attention_is_refused_and_the_advice_works():
+    model = _model("rwkv")  # time mixing, no attention heads
+    with pytest.raises(CoFiTuneError, match=r"no attention CoFiTune can read; pass `attention_dropout='head_output'`"):
+        estimate_importance(model, _loader(IDS), num_samples=2, progress=False, recipe="authors")
+    imp = estimate_importance(
+        model, _loader(IDS), num_samples=2, progress=False, recipe="authors", attention_dropout="head_output"
+    )
+    assert imp.intermediate.abs().sum() > 0
