@@ -14,7 +14,6 @@ import os
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from . import _compat
 from .architectures import table
@@ -25,7 +24,7 @@ from .experts import ExpertsLayer
 from .importance import Importance, resolve_importance
 from .layer import CoFiTuneLayer, Linear
 from .plan import build_plan, peft_selection
-from .serving import lora_factors, weighted_config, weighted_delta
+from .serving import lora_adapter, weighted_config, weighted_delta
 
 logger = logging.getLogger(__name__)
 
@@ -492,53 +491,4 @@ def convert_to_lora(model: nn.Module, rank: int | float, adapter_name: str = "de
             keep per module.
         adapter_name (`str`, *optional*, defaults to `"default"`): the adapter to convert.
     """
-    from collections import Counter
-
-    from peft import LoraConfig
-
-    tuner = find_tuner(model)
-    if tuner is None:
-        raise CoFiTuneError(f"`model` ({type(model).__name__}) has no CoFiTune adapter to convert.")
-    if adapter_name not in tuner.peft_config:
-        raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(tuner.peft_config)}.")
-    is_int = isinstance(rank, int) and not isinstance(rank, bool)
-    if not ((is_int and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)):
-        raise CoFiTuneError(
-            f"`rank` must be an int >= 1 or a float in (0, 1] (fraction of singular-value energy), got {rank!r}."
-        )
-    config = tuner.peft_config[adapter_name]
-    experts = [name for name, layer in tuner.expert_layers() if adapter_name in layer.cofitune_delta]
-    if experts:
-        raise CoFiTuneError(
-            f"adapter {adapter_name!r} trains fused expert parameters ({experts[0]}), whose per-expert deltas a LoRA "
-            "of `nn.Linear` modules cannot express; export it with `--to merged` instead."
-        )
-    if getattr(config, "modules_to_save", None):
-        raise CoFiTuneError(
-            f"adapter {adapter_name!r} trains whole modules (`modules_to_save`={config.modules_to_save}), which a "
-            "LoRA cannot express; export it with `--to merged` instead."
-        )
-    state_dict, ranks, conv1d = {}, {}, False
-    for name, layer in tuner.cofitune_layers():
-        if adapter_name not in layer.cofitune_delta:
-            continue
-        lora_a, lora_b, ranks[name] = lora_factors(layer, adapter_name, rank)
-        state_dict[f"base_model.model.{name}.lora_A.weight"] = lora_a
-        state_dict[f"base_model.model.{name}.lora_B.weight"] = lora_b
-        conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
-    if not ranks:
-        raise CoFiTuneError(f"adapter {adapter_name!r} has no CoFiTune layers in this model; nothing to convert.")
-    default = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {name: r for name, r in ranks.items() if r != default}
-    lora_config = LoraConfig(
-        r=default,
-        lora_alpha=default,
-        lora_dropout=0.0,
-        target_modules=sorted(ranks),
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        fan_in_fan_out=conv1d,
-        base_model_name_or_path=config.base_model_name_or_path,
-        task_type=config.task_type,
-    )
-    return lora_config, state_dict
+    return lora_adapter(find_tuner(model), model, rank, adapter_name)

@@ -2,7 +2,7 @@
 
 CoFiTune's deltas are full rank, so a weighted sum of adapters is exact (task arithmetic, adapter soups), and a LoRA
 of rank r is the truncated SVD of each module's masked delta (exact at full rank). `CoFiTuneModel.add_weighted_adapter`
-and `convert_to_lora` (in `model.py`) build on these functions.
+and `convert_to_lora` (in `model.py`; its LoRA adapter is built by `lora_adapter` here) build on these functions.
 """
 
 from __future__ import annotations
@@ -119,3 +119,56 @@ def lora_factors(layer: CoFiTuneLayer, adapter_name: str, rank: int | float) -> 
     lora_b = u[:, :r] * s[:r]  # [out, r]
     lora_a = vh[:r]  # [r, in]
     return lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous(), r
+
+
+def lora_adapter(tuner, model, rank: int | float, adapter_name: str = "default"):
+    """`convert_to_lora` (in `model.py`) for the `CoFiTuneModel` `tuner` found in `model` (None: there is none)."""
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    if tuner is None:
+        raise CoFiTuneError(f"`model` ({type(model).__name__}) has no CoFiTune adapter to convert.")
+    if adapter_name not in tuner.peft_config:
+        raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(tuner.peft_config)}.")
+    is_int = isinstance(rank, int) and not isinstance(rank, bool)
+    if not ((is_int and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)):
+        raise CoFiTuneError(
+            f"`rank` must be an int >= 1 or a float in (0, 1] (fraction of singular-value energy), got {rank!r}."
+        )
+    config = tuner.peft_config[adapter_name]
+    experts = [name for name, layer in tuner.expert_layers() if adapter_name in layer.cofitune_delta]
+    if experts:
+        raise CoFiTuneError(
+            f"adapter {adapter_name!r} trains fused expert parameters ({experts[0]}), whose per-expert deltas a LoRA "
+            "of `nn.Linear` modules cannot express; export it with `--to merged` instead."
+        )
+    if getattr(config, "modules_to_save", None):
+        raise CoFiTuneError(
+            f"adapter {adapter_name!r} trains whole modules (`modules_to_save`={config.modules_to_save}), which a "
+            "LoRA cannot express; export it with `--to merged` instead."
+        )
+    state_dict, ranks, conv1d = {}, {}, False
+    for name, layer in tuner.cofitune_layers():
+        if adapter_name not in layer.cofitune_delta:
+            continue
+        lora_a, lora_b, ranks[name] = lora_factors(layer, adapter_name, rank)
+        state_dict[f"base_model.model.{name}.lora_A.weight"] = lora_a
+        state_dict[f"base_model.model.{name}.lora_B.weight"] = lora_b
+        conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
+    if not ranks:
+        raise CoFiTuneError(f"adapter {adapter_name!r} has no CoFiTune layers in this model; nothing to convert.")
+    default = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {name: r for name, r in ranks.items() if r != default}
+    lora_config = LoraConfig(
+        r=default,
+        lora_alpha=default,
+        lora_dropout=0.0,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        fan_in_fan_out=conv1d,
+        base_model_name_or_path=config.base_model_name_or_path,
+        task_type=config.task_type,
+    )
+    return lora_config, state_dict
