@@ -15,6 +15,35 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MB (VmRSS)."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS, so that `peak_rss_since_reset_mb` sees only what comes
+    after (Linux: writing 5 to /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mb() -> float:
+    """The peak RSS since `reset_peak_rss` (VmHWM), in MB; the process's whole peak where the reset failed."""
+    return _status_mb("VmHWM")
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return rss_mb()
+
+
 def run_children(script: str, names: list[str], argv: list[str], threads: int) -> dict[str, dict]:
     """Run `script --child NAME *argv` for each name, one process each (so each peak RSS is its own); the child
     prints its result as JSON on its last stdout line."""

@@ -9,6 +9,10 @@ or without an importance, so the mask adds nothing to the file.
 
     python benchmarks/bench_adapter_size.py [--windows 7:9 7:11 0:15 0:30] [--out benchmarks/results/adapter_size.json]
 
+It also states the size at larger shapes (`--shapes`, default Llama-3-8B) without weights: the tensors of the default
+window's adapter (`get_peft_model` on a meta model, each delta in fp32 or bf16 plus its fp32 row factors) and of LoRA
+r16 all-linear, counted from the shapes (the safetensors header adds a few kilobytes).
+
 Estimate, not a measurement: the default run takes well under a minute (about 11 model loads and ~0.8 GB of writes,
 to a temporary folder that is deleted afterwards). Sizes do not depend on the machine's load.
 """
@@ -48,6 +52,10 @@ def configurations(windows: list[tuple[int, int]]) -> dict[str, tuple[str, dict 
         "cofitune_default_mask": ("CoFiTune, default window, ffn, fp32, with mask", {"importance": "random"}),
         "cofitune_default_bf16": ("CoFiTune, default window, ffn, save_dtype=bfloat16", {"save_dtype": "bfloat16"}),
         "cofitune_default_fp16": ("CoFiTune, default window, ffn, save_dtype=float16", {"save_dtype": "float16"}),
+        "cofitune_default_delta_bf16": (
+            "CoFiTune, default window, ffn, delta_dtype=bfloat16 (trained in bf16)",
+            {"delta_dtype": "bfloat16"},
+        ),
         "cofitune_ffn_mha": ("CoFiTune, default window, ffn+mha, fp32", {"target_modules": "ffn+mha"}),
         "cofitune_all": ("CoFiTune, default window, all linear, fp32", {"target_modules": "all"}),
     }
@@ -90,6 +98,31 @@ def measure(name: str, kwargs: dict | None, folder: str) -> dict:
     }
 
 
+def shape_estimate(shape: str) -> list[dict]:
+    """Adapter bytes at a `KNOWN_SHAPES` shape, from the real plan on a meta model: CoFiTune's default window (its
+    deltas in fp32 and bf16, plus one fp32 factor per row) and LoRA r16 all-linear (fp32 and bf16)."""
+    from cofitune_peft.kit.memory import Shapes, cofitune_plan, load_config, meta_model
+
+    config = load_config(shape)
+    shapes = Shapes.from_model(meta_model(config))
+    trainable, window, wrapped = cofitune_plan(config)[:3]
+    rows = sum(o for layer, names in wrapped.items() for n, _, o in shapes.linears[layer] if n in names)
+    lora = sum(16 * (i + o) for lin in shapes.linears for _, i, o in lin)
+    out = []
+    for label, params, per, extra in (
+        (f"CoFiTune, default window {tuple(window)}, ffn, fp32", trainable, 4, 4 * rows),
+        (f"CoFiTune, default window {tuple(window)}, ffn, bf16 (delta_dtype or save_dtype)", trainable, 2, 4 * rows),
+        ("LoRA r16, all linear, fp32 (PEFT's default)", lora, 4, 0),
+        ("LoRA r16, all linear, bf16", lora, 2, 0),
+    ):
+        out.append({"shape": shape, "configuration": label, "params M": params / 1e6,
+                    "file MB": (params * per + extra) / 1e6})  # fmt: skip
+    lora_fp32 = out[2]["file MB"]
+    for row in out:
+        row["/ LoRA fp32"] = row["file MB"] / lora_fp32
+    return out
+
+
 def parse_window(text: str) -> tuple[int, int]:
     a, b = (int(x) for x in text.split(":"))
     return a, b
@@ -102,6 +135,7 @@ def main() -> None:
     )
     parser.add_argument("--configs", nargs="*", default=None, help="only these configuration names (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (building adapters needs little)")
+    parser.add_argument("--shapes", nargs="*", default=["llama-3-8b"], help="KNOWN_SHAPES to state the size at")
     parser.add_argument("--out", default="benchmarks/results/adapter_size.json")
     args = parser.parse_args()
 
@@ -157,7 +191,13 @@ def main() -> None:
     print("SmolLM2-135M-Instruct (30 layers); params M: trainable parameters (the full model: all of them)")
     print(table)
     full_model = {"file": "model.safetensors", "file_mb": full_mb, "params": full_params}
-    write_json(args.out, {"args": vars(args), "full_model": full_model, "results": results, "table": table})
+    estimates = [row for shape in args.shapes for row in shape_estimate(shape)]
+    shape_table = markdown(estimates) if estimates else ""
+    if estimates:
+        print("\nFrom the shapes (no weights): adapter tensors' bytes")
+        print(shape_table)
+    write_json(args.out, {"args": vars(args), "full_model": full_model, "results": results, "table": table,
+                          "shape_estimates": estimates, "shape_table": shape_table})  # fmt: skip
     print(f"wrote {args.out}")
 
 

@@ -95,7 +95,7 @@ def train_adapter(base_path: str, tokenizer, train, settings: Settings, folder: 
     config = model.peft_config["default"]
     return {
         "window": list(config.layers),
-        "target_modules": config.target_modules,
+        "target_modules": getattr(config, "parts", None) or config.target_modules,  # the selection ("ffn")
         "seconds": stats["seconds"],
         "final_loss": stats["final_loss"],
         "trainable_parameters": stats["trainable_parameters"],
@@ -243,7 +243,7 @@ def check_plain_peft(base_path: str, lora_dir: str, adapter_dir: str, tokenizer,
         torch.set_num_threads(1)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_path!r}), {lora_dir!r}).eval()
         with torch.no_grad():
-            torch.save(model(torch.load({ids_file!r})).logits, {logits_file!r})
+            torch.save(model(torch.load({ids_file!r}, weights_only=True)).logits, {logits_file!r})
         print(json.dumps(sorted(m for m in sys.modules if m.startswith("cofitune_peft"))))
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -256,7 +256,7 @@ def check_plain_peft(base_path: str, lora_dir: str, adapter_dir: str, tokenizer,
     reference, _ = load_adapter(adapter_dir, base_path)
     with torch.no_grad():
         expected = reference(ids).logits
-    got = torch.load(logits_file)
+    got = torch.load(logits_file, weights_only=True)
     return {
         "lora_dir": os.path.basename(lora_dir),
         "cofitune_peft_modules_imported": imported,

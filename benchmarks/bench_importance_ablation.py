@@ -75,11 +75,15 @@ SEEDED = ("random", "matched")
 
 def down_projections(model) -> list[torch.nn.Module]:
     """Each decoder layer's FFN down projection: the modules whose input `estimate_importance` gates."""
-    from cofitune_peft.architectures import dims_of, spec_for
-    from cofitune_peft.estimation.gates import _modules_by_layer
+    from cofitune_peft.architectures import base_of, model_layout
 
-    spec = spec_for(model)
-    return _modules_by_layer(model, spec, dims_of(model, spec).num_layers)[1]
+    layout = model_layout(model)
+    return [
+        base_of(model.get_submodule(layout.key(layer.index, gate.module)))
+        for layer in layout.layers
+        for gate in layer.gates
+        if gate.kind == "ffn"
+    ]
 
 
 def select_units(scores: torch.Tensor, k: int, end: str = "top", seed: int | None = None) -> torch.Tensor:

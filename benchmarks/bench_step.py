@@ -5,7 +5,17 @@ its own), on the same batch (4 x 256 tokens), with AdamW, and prints ratios agai
 
     python benchmarks/bench_step.py [--steps 6] [--threads 2] [--out benchmarks/results/step.json]
 
-Run it alone: two torch processes on two cores slow each other down many times.
+The low-precision table (`_lowmem.LOWMEM`: fp32 / bf16 deltas, stochastic rounding, 8-bit and factored states, the
+fused step, the freeze-tuning peer) runs on the model in bf16:
+
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/bench_step.py --dtype bfloat16 --threads 1 \
+        --configs lora_r16 full_ft freeze_bf16 cofitune_fp32 cofitune_bf16 cofitune_bf16_sr cofitune_bf16_8bit \
+        cofitune_bf16_fused cofitune_lowmem cofitune_lowmem_fused --out benchmarks/results/step_bf16.json
+
+Each child also records its RSS after the imports (`import_rss_mb`) and its peak RSS during the timed loop alone
+(`peak_train_rss_mb`: the peak is reset once the model, adapter and optimizer are built), which the memory model's
+validation (`benchmarks/gpu/memory_table.py`) compares with its prediction. Run it alone: two torch processes on two
+cores slow each other down many times.
 """
 
 from __future__ import annotations
@@ -15,7 +25,17 @@ import json
 import statistics
 import time
 
-from _common import markdown, random_importance, rss_mb, run_children, write_json
+from _common import (
+    current_rss_mb,
+    markdown,
+    peak_rss_since_reset_mb,
+    random_importance,
+    reset_peak_rss,
+    rss_mb,
+    run_children,
+    write_json,
+)
+from _lowmem import LOWMEM, build_model, plain_optimizer
 
 CONFIGS = {
     "full_ft": "full fine-tuning",
@@ -24,10 +44,11 @@ CONFIGS = {
     "cofitune_mask": "CoFiTune, default window, mask (update)",
     "cofitune_mask_gradient": "CoFiTune, default window, mask (gradient)",
     "cofitune_mask_ckpt": "CoFiTune mask + checkpointing (Trainer-style)",
+    **{name: spec[0] for name, spec in LOWMEM.items()},
 }
 
 
-def child(name: str, steps: int, threads: int, batch: int, length: int) -> dict:
+def child(name: str, steps: int, threads: int, batch: int, length: int, dtype: str = "float32") -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -35,10 +56,14 @@ def child(name: str, steps: int, threads: int, batch: int, length: int) -> dict:
     from cofitune_peft import CoFiTuneConfig
     from cofitune_peft.kit.loading import load_smollm2
 
-    model, _ = load_smollm2()
+    import_mb = current_rss_mb()
+    model, _ = load_smollm2(dtype=getattr(torch, dtype))
     loaded_mb = rss_mb()
     cfg = model.config
-    if name == "full_ft":
+    opt = None
+    if name in LOWMEM:
+        trainable = build_model(name, model, random_importance(cfg))
+    elif name == "full_ft":
         trainable = model
     elif name == "lora_r16":
         from peft import LoraConfig, get_peft_model
@@ -54,10 +79,14 @@ def child(name: str, steps: int, threads: int, batch: int, length: int) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             trainable.enable_input_require_grads()
     params = [p for p in trainable.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    if name in LOWMEM:
+        opt = plain_optimizer(name, params, lr=1e-5)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, length), generator=g)
     trainable.train()
+    reset = reset_peak_rss()
     times = []
     for step in range(steps + 2):
         start = time.perf_counter()
@@ -73,8 +102,12 @@ def child(name: str, steps: int, threads: int, batch: int, length: int) -> dict:
         "step_s_median": statistics.median(times),
         "step_s_all": times,
         "peak_rss_mb": rss_mb(),
+        "peak_train_rss_mb": peak_rss_since_reset_mb() if reset else None,
+        "import_rss_mb": import_mb,
         "rss_after_load_mb": loaded_mb,
         "threads": threads,
+        "dtype": dtype,
+        "trainable_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in params}),
     }
 
 
@@ -84,15 +117,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
+    parser.add_argument("--configs", nargs="*", default=[c for c in CONFIGS if c not in LOWMEM], choices=list(CONFIGS))
     parser.add_argument("--out", default="benchmarks/results/step.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.threads, args.batch, args.length)))
+        print(json.dumps(child(args.child, args.steps, args.threads, args.batch, args.length, args.dtype)))
         return
 
     argv = ["--steps", args.steps, "--threads", args.threads, "--batch", args.batch, "--length", args.length]
+    argv += ["--dtype", args.dtype]
     results = run_children(__file__, args.configs, argv, args.threads)
 
     def ratio(a, b, key):
@@ -106,9 +141,12 @@ def main() -> None:
                 "trainable M": r["trainable_params"] / 1e6,
                 "step s": r["step_s_median"],
                 "peak RSS MB": r["peak_rss_mb"],
+                "train peak MB": r.get("peak_train_rss_mb") or float("nan"),
                 "step / LoRA": ratio(name, "lora_r16", "step_s_median"),
                 "step / full": ratio(name, "full_ft", "step_s_median"),
+                "step / freeze": ratio(name, "freeze_bf16", "step_s_median"),
                 "peak / LoRA": ratio(name, "lora_r16", "peak_rss_mb"),
+                "peak / freeze": ratio(name, "freeze_bf16", "peak_rss_mb"),
             }
         )
     table = markdown(rows)
@@ -118,6 +156,10 @@ def main() -> None:
         "cofitune_mask_step_vs_full": ratio("cofitune_mask", "full_ft", "step_s_median"),
         "cofitune_mask_peak_vs_lora": ratio("cofitune_mask", "lora_r16", "peak_rss_mb"),
         "mask_overhead": ratio("cofitune_mask", "cofitune_coarse", "step_s_median") - 1,
+        "lowmem_peak_vs_freeze": ratio("cofitune_lowmem", "freeze_bf16", "peak_rss_mb"),
+        "lowmem_peak_vs_lora": ratio("cofitune_lowmem", "lora_r16", "peak_rss_mb"),
+        "lowmem_step_vs_freeze": ratio("cofitune_lowmem", "freeze_bf16", "step_s_median"),
+        "lowmem_step_vs_lora": ratio("cofitune_lowmem", "lora_r16", "step_s_median"),
     }
     print(json.dumps(summary, indent=2))
     write_json(args.out, {"args": vars(args), "results": results, "summary": summary, "table": table})

@@ -14,6 +14,17 @@ pass (CoFiTune's window and the layers above it; all 30 for LoRA and full fine-t
 
     python benchmarks/bench_trainer.py [--steps 8] [--warmup 2] [--threads 2] [--out benchmarks/results/trainer.json]
 
+The low-precision table (`_lowmem.LOWMEM`) runs on the model in bf16 (pure bf16, `bf16=False`: no autocast), the
+`CoFiTuneAdamW` configurations through `optimizer_cls_and_kwargs` (the fused ones with `max_grad_norm=0`), 8-bit AdamW
+through `optim="adamw_bnb_8bit"`, the others with TRL's default fused AdamW:
+
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/bench_trainer.py --dtype bfloat16 --threads 1 \
+        --configs lora_r16 full_ft freeze_bf16 cofitune_fp32 cofitune_bf16 cofitune_bf16_sr cofitune_bf16_8bit \
+        cofitune_bf16_fused cofitune_lowmem cofitune_lowmem_fused cofitune_nomom --out benchmarks/results/trainer_bf16.json
+
+Each child records its RSS after the imports and its peak RSS from `on_train_begin` on (`peak_train_rss_mb`), which
+`benchmarks/gpu/memory_table.py` compares with the memory model.
+
 Estimate, not a measurement: the default run (5 configurations, 10 steps each) takes about 5-8 minutes on 2 idle CPU
 cores. Run it alone: two torch processes on two cores slow each other down many times.
 """
@@ -27,15 +38,19 @@ import tempfile
 import time
 
 from _common import (
+    current_rss_mb,
     decoder_layers,
     layers_in_backward,
     long_texts,
     markdown,
+    peak_rss_since_reset_mb,
     random_importance,
+    reset_peak_rss,
     rss_mb,
     run_children,
     write_json,
 )
+from _lowmem import LOWMEM, freeze_window, peft_config, trainer_optimizer
 
 CONFIGS = {
     "full_ft": "full fine-tuning",
@@ -43,6 +58,7 @@ CONFIGS = {
     "cofitune_coarse": "CoFiTune, default window, no mask",
     "cofitune_mask": "CoFiTune, default window, mask (update)",
     "cofitune_mask_gradient": "CoFiTune, default window, mask (gradient)",
+    **{name: spec[0] for name, spec in LOWMEM.items()},
 }
 
 
@@ -67,29 +83,40 @@ def child(name: str, args) -> dict:
     from cofitune_peft import CoFiTuneConfig, Importance
     from cofitune_peft.kit.loading import load_smollm2
 
-    model, tokenizer = load_smollm2()
+    import_mb = current_rss_mb()
+    model, tokenizer = load_smollm2(dtype=getattr(torch, args.dtype))
     loaded_mb = rss_mb()
     total_steps = args.steps + args.warmup
     texts = long_texts(tokenizer, args.length, args.batch)
     dataset = Dataset.from_dict({"text": texts})
 
-    if name == "full_ft":
-        peft_config = None
+    config_overrides, trainer_kwargs = {}, {}
+    if name in LOWMEM:
+        importance = Importance.load(args.importance) if args.importance else random_importance(model.config)
+        peft_config_ = peft_config(name, importance)
+        if peft_config_ is None:
+            freeze_window(model)
+        config_overrides, trainer_kwargs = trainer_optimizer(name)
+    elif name == "full_ft":
+        peft_config_ = None
     elif name == "lora_r16":
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        peft_config_ = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     elif name == "cofitune_coarse":
-        peft_config = CoFiTuneConfig()
+        peft_config_ = CoFiTuneConfig()
     else:
         mode = "gradient" if name == "cofitune_mask_gradient" else "update"
         importance = Importance.load(args.importance) if args.importance else random_importance(model.config)
-        peft_config = CoFiTuneConfig(importance=importance, softmask_mode=mode)
+        peft_config_ = CoFiTuneConfig(importance=importance, softmask_mode=mode)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
             self._start = 0.0
+
+        def on_train_begin(self, targs, state, control, **kwargs):
+            self.reset = reset_peak_rss()  # from here on: the training loop's own peak
 
         def on_step_begin(self, targs, state, control, **kwargs):
             self._start = time.perf_counter()
@@ -112,14 +139,19 @@ def child(name: str, args) -> dict:
             max_length=args.length,
             seed=0,
             data_seed=0,
+            **config_overrides,
         )
+        if "optimizer_cls_and_kwargs" in trainer_kwargs:
+            cls, kwargs = trainer_kwargs["optimizer_cls_and_kwargs"]
+            trainer_kwargs = {"optimizer_cls_and_kwargs": (cls, {**kwargs, "training_args": config})}
         trainer = SFTTrainer(
             model=model,
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=peft_config,
+            peft_config=peft_config_,
             callbacks=[timer],
+            **trainer_kwargs,
         )
         lengths = sorted({len(ids) for ids in trainer.train_dataset["input_ids"]})
         if lengths != [args.length]:
@@ -128,10 +160,13 @@ def child(name: str, args) -> dict:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
         peak_mb = rss_mb()
+        peak_train_mb = peak_rss_since_reset_mb() if getattr(timer, "reset", False) else None
         probe = tokenizer(texts[: args.batch], truncation=True, max_length=args.length, return_tensors="pt")
         in_backward = layers_in_backward(trainer.model, probe["input_ids"])
         ckpt = checkpointing_of(trainer.model)
         optim = str(getattr(config.optim, "value", config.optim))
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+        optimizer_class = type(inner).__name__
     if len(timer.times) != total_steps:
         raise SystemExit(f"timed {len(timer.times)} steps, expected {total_steps}")
     times = timer.times[args.warmup :]
@@ -142,6 +177,8 @@ def child(name: str, args) -> dict:
         "step_s_all": timer.times,
         "warmup_steps": args.warmup,
         "peak_rss_mb": peak_mb,
+        "peak_train_rss_mb": peak_train_mb,
+        "import_rss_mb": import_mb,
         "rss_after_load_mb": loaded_mb,
         "rss_after_trainer_init_mb": init_mb,
         "layers_in_backward": in_backward,
@@ -151,8 +188,11 @@ def child(name: str, args) -> dict:
             getattr(config, "activation_checkpointing", getattr(config, "gradient_checkpointing", False))
         ),
         "optim": optim,
+        "optimizer_class": optimizer_class,
         "threads": args.threads,
         "batch": [args.batch, args.length],
+        "dtype": args.dtype,
+        "max_grad_norm": config.max_grad_norm,
     }
 
 
@@ -164,7 +204,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--importance", default=None, help="an importance file (default: random, as bench_step.py)")
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
+    parser.add_argument("--configs", nargs="*", default=[c for c in CONFIGS if c not in LOWMEM], choices=list(CONFIGS))
     parser.add_argument("--out", default="benchmarks/results/trainer.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,7 +216,8 @@ def main() -> None:
         return
 
     argv = ["--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads, "--batch", args.batch]
-    argv += ["--length", args.length] + (["--importance", args.importance] if args.importance else [])
+    argv += ["--length", args.length, "--dtype", args.dtype]
+    argv += ["--importance", args.importance] if args.importance else []
     results = run_children(__file__, args.configs, argv, args.threads)
 
     def ratio(a, b, key="step_s_median"):
@@ -193,7 +235,10 @@ def main() -> None:
                 "step / LoRA": ratio(name, "lora_r16"),
                 "step / full": ratio(name, "full_ft"),
                 "peak RSS MB": r["peak_rss_mb"],
-                "peak - load MB": r["peak_rss_mb"] - r["rss_after_load_mb"],
+                "train peak MB": r.get("peak_train_rss_mb") or float("nan"),
+                "step / freeze": ratio(name, "freeze_bf16"),
+                "peak / LoRA": ratio(name, "lora_r16", "peak_rss_mb"),
+                "peak / freeze": ratio(name, "freeze_bf16", "peak_rss_mb"),
                 "layers in bwd": f"{r['layers_in_backward']}/{r['num_layers']}",
                 "checkpointing": f"on (use_reentrant={reentrant})" if ckpt["enabled"] else "off",
             }
@@ -201,7 +246,7 @@ def main() -> None:
     table = markdown(rows)
     first = next(iter(results.values()))
     print(
-        f"SmolLM2-135M-Instruct fp32, TRL SFTTrainer, batch {args.batch}x{args.length}, {args.threads} threads, "
+        f"SmolLM2-135M-Instruct {args.dtype}, TRL SFTTrainer, batch {args.batch}x{args.length}, {args.threads} threads, "
         f"optim {first['optim']}, median of {args.steps} steps after {args.warmup} warm-up"
     )
     print(table)
@@ -213,6 +258,10 @@ def main() -> None:
         "cofitune_coarse_step_vs_lora": ratio("cofitune_coarse", "lora_r16"),
         "cofitune_mask_peak_vs_lora": ratio("cofitune_mask", "lora_r16", "peak_rss_mb"),
         "gradient_checkpointing": {name: r["gradient_checkpointing"] for name, r in results.items()},
+        "lowmem_peak_vs_freeze": ratio("cofitune_lowmem", "freeze_bf16", "peak_rss_mb"),
+        "lowmem_peak_vs_lora": ratio("cofitune_lowmem", "lora_r16", "peak_rss_mb"),
+        "lowmem_step_vs_freeze": ratio("cofitune_lowmem", "freeze_bf16"),
+        "lowmem_step_vs_lora": ratio("cofitune_lowmem", "lora_r16"),
     }
     print(f"mask overhead (mask update vs coarse step time): {summary['mask_overhead_pct']:+.1f}%")
     print(f"mask overhead (mask gradient vs coarse step time): {summary['mask_gradient_overhead_pct']:+.1f}%")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import _compat, _moved
+from . import _compat, _moved, hub
 from .callback import CoFiTuneCallback
 from .config import CoFiTuneConfig
 from .errors import CoFiTuneError
@@ -17,11 +17,12 @@ from .estimation import estimate_importance
 from .importance import Importance
 from .layer import CoFiTuneLayer
 from .model import CoFiTuneModel, set_importance
-from .model_card import write_cofitune_section
+from .model_card import write_model_card
+from .optim import CoFiTuneAdamW
 
 __version__ = "0.2.0"
 
-_compat.register(CoFiTuneConfig, CoFiTuneModel, write_cofitune_section)
+_compat.register(CoFiTuneConfig, CoFiTuneModel, write_model_card, hub.prepare_for_save, hub.push_to_hub)
 _moved.install()
 
 # Names of the experiment kit that `from cofitune_peft import ...` still finds (imported on first use).
@@ -41,6 +42,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CoFiTuneAdamW",
     "CoFiTuneCallback",
     "CoFiTuneConfig",
     "CoFiTuneError",

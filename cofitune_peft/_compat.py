@@ -3,9 +3,12 @@
 1. Registration. PEFT has no plugin route for new methods: `register_peft_method` refuses any name that is not a member of the
 `PeftType` str-enum, and transformers' adapter loading calls `peft_config.peft_type.value`, so the type must be a real
 enum member. We add `PeftType.COFITUNE` at import time and then use the official registration. We also wrap
-`PeftModel.save_pretrained` (atomic writes for CoFiTune adapters), `PeftModel.load_adapter` (a damaged or mismatched
-adapter file is refused with an error that names it) and `PeftModel.create_or_update_model_card` (a model card that
-says what was trained); the wrappers pass every other PEFT method through untouched.
+`PeftModel.save_pretrained` (atomic writes for CoFiTune adapters, and the base model's Hub id and task type filled in
+first), `PeftModel.load_adapter` (a damaged or mismatched adapter file is refused with an error that names it),
+`PeftModel.create_or_update_model_card` (a model card that says what was trained) and `PeftModel.push_to_hub`
+(transformers' `PushToHubMixin.push_to_hub` overwrites the README that `save_pretrained` wrote with its generic
+template or the repository's old card, so CoFiTune adapters are pushed by `cofitune_peft.hub.push_to_hub`); the
+wrappers pass every other PEFT method through untouched.
 
 2. `BufferDict`, PEFT's private per-adapter buffer container (`peft.tuners._buffer_dict`).
 
@@ -70,10 +73,13 @@ def is_registered() -> bool:
     return PEFT_TYPE_NAME in PeftType.__members__ and PeftType[PEFT_TYPE_NAME] in PEFT_TYPE_TO_CONFIG_MAPPING
 
 
-def register(config_cls, model_cls, card_writer=None) -> None:
+def register(config_cls, model_cls, card_writer=None, before_save=None, push=None) -> None:
     """Register CoFiTune with PEFT; safe to call any number of times.
 
-    `card_writer(peft_model, output_dir)` adds CoFiTune's section to the model card after PEFT wrote its own.
+    `card_writer(peft_model, output_dir)` rewrites the model card after PEFT wrote its own;
+    `before_save(peft_model, base_model_id)` runs before any PeftModel is saved (`base_model_id` is the keyword
+    `save_pretrained` accepts on top of PEFT's, for CoFiTune adapters) and returns defaults for PEFT's keyword arguments;
+    `push(peft_model, repo_id, **kwargs)` replaces `push_to_hub` for CoFiTune adapters.
     """
     import warnings
 
@@ -87,7 +93,7 @@ def register(config_cls, model_cls, card_writer=None) -> None:
     peft_type()
     if not is_registered():
         register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
-    _wrap_peft_model(card_writer)
+    _wrap_peft_model(card_writer, before_save, push)
 
 
 def _uses_cofitune(peft_model) -> bool:
@@ -95,10 +101,16 @@ def _uses_cofitune(peft_model) -> bool:
     return any(getattr(cfg, "peft_type", None) == PEFT_TYPE_NAME for cfg in configs.values())
 
 
-def _atomic_save_pretrained(original):
+def _atomic_save_pretrained(original, before_save=None):
     @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if not _uses_cofitune(self) or kwargs.get("is_main_process", True) is False:
+    def save_pretrained(self, save_directory, *args, base_model_id=None, **kwargs):
+        cofitune = _uses_cofitune(self)
+        if base_model_id is not None and not cofitune:
+            raise CoFiTuneError("`base_model_id` is a save_pretrained argument of CoFiTune adapters only.")
+        if before_save is not None:  # for other methods it only fills PEFT defaults for a model it marked
+            for key, value in (before_save(self, base_model_id) or {}).items():
+                kwargs.setdefault(key, value)
+        if not cofitune or kwargs.get("is_main_process", True) is False:
             return original(self, save_directory, *args, **kwargs)
         if os.path.isfile(save_directory):
             raise CoFiTuneError(
@@ -201,11 +213,26 @@ def _model_card(original, card_writer):
     return create_or_update_model_card
 
 
-def _wrap_peft_model(card_writer) -> None:
+def _push_to_hub(original, push):
+    @functools.wraps(original)
+    def push_to_hub(self, repo_id, *args, **kwargs):
+        if not _uses_cofitune(self) or push is None:
+            return original(self, repo_id, *args, **kwargs)
+        if args:
+            raise CoFiTuneError("pass push_to_hub's arguments after `repo_id` by keyword, e.g. `private=True`.")
+        return push(self, repo_id, **kwargs)
+
+    push_to_hub._cofitune_wrapped = True
+    return push_to_hub
+
+
+def _wrap_peft_model(card_writer, before_save=None, push=None) -> None:
     from peft import PeftModel
 
     if not getattr(PeftModel.save_pretrained, "_cofitune_wrapped", False):
-        PeftModel.save_pretrained = _atomic_save_pretrained(PeftModel.save_pretrained)
+        PeftModel.save_pretrained = _atomic_save_pretrained(PeftModel.save_pretrained, before_save)
+    if not getattr(PeftModel.push_to_hub, "_cofitune_wrapped", False):
+        PeftModel.push_to_hub = _push_to_hub(PeftModel.push_to_hub, push)
     if not getattr(PeftModel.load_adapter, "_cofitune_wrapped", False):
         PeftModel.load_adapter = _checked_load_adapter(PeftModel.load_adapter)
     if not getattr(PeftModel.create_or_update_model_card, "_cofitune_wrapped", False):
@@ -423,3 +450,32 @@ def _unpack_bnb_cpu(weight) -> None:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+# ---------------------------------------------------------------------- PEFT's module matcher (peft 0.21.2)
+# `target_modules` keeps PEFT's meaning in a CoFiTune config: module names matched the way
+# `peft.tuners.tuners_utils.check_target_module_exists` matches them (the full name or its last components, with
+# `layers_to_transform` and `layers_pattern`; a string is a regex). We call PEFT's own function so the meaning cannot
+# drift; it reads `target_modules`, `target_parameters`, `layers_to_transform`, `layers_pattern`, `exclude_modules`
+# and `modules_to_save` off the object it is given.
+
+
+def peft_target_matches(config, key: str) -> bool:
+    """Whether PEFT's matcher selects module `key` for `config` (a config, or a dict with `target_modules`,
+    `layers_to_transform`, `layers_pattern`)."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    shim = SimpleNamespace(
+        target_modules=get("target_modules"),
+        target_parameters=None,
+        layers_to_transform=get("layers_to_transform"),
+        layers_pattern=get("layers_pattern"),
+        exclude_modules=None,
+        modules_to_save=None,
+    )
+    if shim.target_modules is None:
+        return True
+    return bool(check_target_module_exists(shim, key))

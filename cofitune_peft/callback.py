@@ -2,9 +2,9 @@
 
 With `SFTTrainer(..., peft_config=CoFiTuneConfig(...), callbacks=[CoFiTuneCallback(...)])` the trainer builds the
 PeftModel itself; the callback then (1) estimates the versatility importance at the start of training when asked to
-and installs the soft mask, (2) logs mask statistics with the trainer's logs, and (3) keeps the importance next to
+and installs the soft mask, (2) logs mask statistics with the trainer's logs, (3) keeps the importance next to
 every checkpoint, so `resume_from_checkpoint` continues with the same mask (the per-row scales also travel inside the
-adapter file itself).
+adapter file itself), and (4) records the training settings in the adapter's `training_info` for its model card.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from .errors import CoFiTuneError
 from .importance import Importance, resolve_importance
 from .model import find_tuner
+from .model_card import record_training_info
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class CoFiTuneCallback(TrainerCallback):
         if self._current is not None and args.process_index == 0:
             os.makedirs(args.output_dir, exist_ok=True)
             self._current.save(os.path.join(args.output_dir, IMPORTANCE_FILE))
+        record_training_info(model, training_settings(args, state))
         self._stats = tuner.mask_statistics(adapter)
         logger.info(
             "CoFiTune: layers %s, mean row scale %.3f, %.1f%% of trained rows scaled below 0.1",
@@ -132,6 +134,10 @@ class CoFiTuneCallback(TrainerCallback):
             # Trainer.log stored a copy of `logs` in the history just before calling us; keep the two in step.
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(stats)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and find_tuner(model) is not None:
+            record_training_info(model, {"steps": state.global_step})
 
     def on_save(self, args, state, control, **kwargs):
         if self._current is None or args.process_index != 0:
@@ -164,3 +170,33 @@ class CoFiTuneCallback(TrainerCallback):
         if os.path.isfile(path):
             return Importance.load(path)
         return None
+
+
+def training_settings(args, state) -> dict[str, Any]:
+    """What a model card says about a Trainer / TRL run: from its `TrainingArguments` (or `SFTConfig`) and state."""
+    is_trl = type(args).__module__.startswith("trl")
+    world = max(int(getattr(args, "world_size", 1) or 1), 1)
+    accumulation = int(args.gradient_accumulation_steps)
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    warmup = getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0) or 0  # a float < 1 is a ratio
+    if args.bf16:
+        precision = "bf16 mixed precision"
+    elif args.fp16:
+        precision = "fp16 mixed precision"
+    else:
+        precision = None  # the model's own dtype, which the Trainer does not report
+    return {
+        "trainer": f"TRL {type(args).__name__.replace('Config', 'Trainer')}" if is_trl else "transformers Trainer",
+        "steps": state.max_steps or None,
+        "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
+        "batch_size": args.per_device_train_batch_size * accumulation * world,
+        "gradient_accumulation_steps": accumulation,
+        "learning_rate": float(args.learning_rate),
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "lr_scheduler": str(scheduler),
+        "warmup": (f"{warmup:g} of the steps" if 0 < warmup < 1 else f"{int(warmup)} steps") if warmup else None,
+        "weight_decay": float(args.weight_decay),
+        "max_length": getattr(args, "max_length", None),
+        "precision": precision,
+        "seed": int(args.seed),
+    }

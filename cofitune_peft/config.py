@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
@@ -15,6 +16,7 @@ from .importance import Importance
 
 SOFTMASK_MODES = ("update", "gradient", "none")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+DELTA_DTYPES = SAVE_DTYPES
 MASK_BUDGETS = ("raw", "mean_one")
 
 
@@ -36,10 +38,20 @@ class CoFiTuneConfig(PeftConfig):
             `[2, 3, 7]`. Giving both `layers` and `layers_to_transform` is an error unless they name the same layers.
             When the indices are contiguous, `layers` is filled in with the equivalent window once the adapter is
             built.
-        target_modules (`str | list[str]`, *optional*, defaults to `"ffn"`):
-            A shorthand (`"ffn"`: up and down projections, as the paper; `"ffn+gate"`; `"mha"`: q, k, v;
-            `"ffn+mha"`; `"mha+o"`; `"all"`), a list of roles (`"q"`, `"k"`, `"v"`, `"o"`, `"gate"`, `"up"`, `"down"`),
-            or a list of module names inside a decoder layer (e.g. `["mlp.up_proj", "mlp.down_proj"]`).
+        parts (`str | list[str]`, *optional*, defaults to `None`):
+            CoFiTune's selection: which parts of the window's layers train. A shorthand (`"ffn"`: up and down
+            projections, as the paper; `"ffn+gate"`; `"mha"`: q, k, v; `"ffn+mha"`; `"mha+o"`; `"all"`), a list of roles
+            (`"q"`, `"k"`, `"v"`, `"o"`, `"gate"`, `"up"`, `"down"`), or a list of module names inside a decoder layer
+            (e.g. `["mlp.up_proj", "mlp.down_proj"]`). Roles cover the experts of mixture-of-experts layers too (their
+            fused `gate_up_proj`/`down_proj` parameters, one delta per expert). `None`: `"ffn"`, or every role when
+            `target_modules` names modules.
+        target_modules (`str | list[str]`, *optional*, defaults to `None`):
+            PEFT's meaning: module names (a list, matched as PEFT's matcher does: the full name or its last
+            components, together with `layers_to_transform` and `layers_pattern`) or a regex (a string), restricting
+            `parts` to the modules they name. After the adapter is built it holds the names PEFT's matcher resolves to
+            exactly the wrapped modules (so PEFT utilities such as `convert_to_lora` read it as they read a LoRA's). A
+            CoFiTune shorthand or list of roles here (the meaning of 0.1/0.2, `target_modules="ffn"`) is moved to
+            `parts`.
         importance (`str`, *optional*, defaults to `None`):
             A path to an importance file written by `Importance.save` (or `cofitune importance`). `None` trains
             without a soft mask (the coarse level only), or with the mask that `set_importance(model, importance)` or
@@ -70,13 +82,26 @@ class CoFiTuneConfig(PeftConfig):
             multiplies the forward pass during training (Delta still receives W's gradient, so the weight moves
             `strength` times the optimizer's step). Change it after training with `CoFiTuneModel.set_strength`.
         unit_map (`dict[str, str]`, *optional*, defaults to `None`):
-            For architectures without a built-in layout: module name inside a decoder layer -> unit it feeds
+            For layers CoFiTune cannot read by itself: module name inside a decoder layer -> unit it feeds
             (`"intermediate"`, `"output"`, `"head"`, `"kv_head"`, `"head@in"` for columns grouped by head, or `"none"`).
+            The units give the roles `parts` selects by (`intermediate` -> up, `output` -> down, `head` -> q,
+            `kv_head` -> k and v, `head@in` -> o); a module can also be selected by its name.
         layers_pattern (`str`, *optional*, defaults to `None`):
-            The name of the decoder-layer `ModuleList` (`"layers"`, `"h"`); only needed with `unit_map`.
+            The name of the decoder-layer `ModuleList` (`"layers"`, `"h"`, or a dotted path such as
+            `"model.language_model.layers"`); only needed when a model has several layer stacks. Filled in once the
+            adapter is built.
+        delta_dtype (`str`, *optional*, defaults to `None`):
+            The dtype the trained deltas are created, trained and saved in: `"float32"`, `"bfloat16"` or `"float16"`,
+            whatever PEFT's `autocast_adapter_dtype` says (it is applied after PEFT's cast, when the adapter is built
+            and when it is loaded). `None` keeps PEFT's behaviour: the base weight's dtype, which PEFT's default
+            `autocast_adapter_dtype=True` upcasts to float32 for a bf16/fp16 base. In bf16 the deltas, their gradients
+            and (with `torch.optim.AdamW`) the optimizer states take half the memory of fp32; the delta starts at zero
+            and stays small, so its rounding is far finer than that of the weight it is added to. To keep small steps
+            that plain rounding would drop, train with `CoFiTuneAdamW` (stochastic rounding), see docs/memory.md.
         save_dtype (`str`, *optional*, defaults to `None`):
             Store the trained deltas as `"bfloat16"`/`"float16"` to halve the adapter file (they load back into the
-            training dtype). `None` keeps the parameter dtype.
+            training dtype). `None` keeps the parameter dtype (the deltas' dtype, so bf16 deltas save as bf16 and
+            load back bit for bit).
         fix_input_grads (`bool`, *optional*, defaults to `True`):
             Remove the input-require-grads hook that Trainer/TRL add for gradient checkpointing, so that layers below
             the window stay out of the backward pass (with reentrant checkpointing the window's first layer input is
@@ -86,6 +111,10 @@ class CoFiTuneConfig(PeftConfig):
             for tests only.
         modules_to_save (`list[str]`, *optional*, defaults to `None`):
             Extra modules to train fully and save (e.g. a classification head), as in other PEFT methods.
+        training_info (`dict`, *optional*, defaults to `None`):
+            How the adapter was trained, for its model card (JSON values: `trainer`, `steps`, `learning_rate`,
+            `batch_size`, `optimizer`, `seed`, ...; `base_weights` when the base model's weights are not the Hub's).
+            Filled by `CoFiTuneCallback` and the kit's `train_sft`; informational, never read by the method.
 
     Example:
 
@@ -106,9 +135,13 @@ class CoFiTuneConfig(PeftConfig):
         default=None,
         metadata={"help": "0-based decoder-layer indices to train (any list, or one int); PEFT's name for `layers`."},
     )
-    target_modules: str | list[str] | None = field(
-        default="ffn",
+    parts: str | list[str] | None = field(
+        default=None,
         metadata={"help": "'ffn', 'ffn+gate', 'mha', 'ffn+mha', 'mha+o', 'all', a list of roles or of module names."},
+    )
+    target_modules: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "PEFT's meaning: module names or a regex restricting `parts`; the wrapped modules after."},
     )
     importance: str | None = field(
         default=None, metadata={"help": "Path to an importance file (Importance.save), or None (no soft mask yet)."}
@@ -131,6 +164,12 @@ class CoFiTuneConfig(PeftConfig):
         default=None, metadata={"help": "Module name -> unit, for architectures without a built-in layout."}
     )
     layers_pattern: str | None = field(default=None, metadata={"help": "Name of the decoder-layer ModuleList."})
+    delta_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype of the trained deltas: float32/bfloat16/float16 (None: PEFT's, fp32 on a bf16 base)."
+        },
+    )
     save_dtype: str | None = field(
         default=None, metadata={"help": "Dtype of the saved deltas: float32/bfloat16/float16."}
     )
@@ -141,6 +180,9 @@ class CoFiTuneConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
     importance_source: str | None = field(
         default=None, metadata={"help": "Where the saved mask came from (set automatically; informational)."}
+    )
+    training_info: dict | None = field(
+        default=None, metadata={"help": "How the adapter was trained, for its model card (set automatically)."}
     )
 
     def __post_init__(self):
@@ -191,6 +233,13 @@ class CoFiTuneConfig(PeftConfig):
                         problems.append(f"`unit_map[{name!r}]` must be one of {allowed}, got {unit!r}.")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             problems.append(f"`save_dtype` must be None or one of {SAVE_DTYPES}, got {self.save_dtype!r}.")
+        if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:
+            problems.append(
+                f"`delta_dtype` must be None (PEFT's choice: fp32 on a bf16/fp16 base) or one of {DELTA_DTYPES}, "
+                f"got {self.delta_dtype!r}."
+            )
+        if self.training_info is not None and not isinstance(self.training_info, dict):
+            problems.append(f"`training_info` must be None or a dict of JSON values, got {self.training_info!r}.")
         for flag in ("fix_input_grads", "init_weights"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
@@ -253,32 +302,49 @@ class CoFiTuneConfig(PeftConfig):
         return None
 
     def _check_target_modules(self) -> list[str]:
-        tm = self.target_modules
-        if tm is None:
-            self.target_modules = "ffn"
-            return []
+        """Validate `parts` and `target_modules`, moving a CoFiTune selection given as `target_modules` to `parts`."""
+        problems = []
+        tm, parts = self.target_modules, self.parts
         if isinstance(tm, (set, tuple, frozenset)):
-            if not all(isinstance(x, str) and x for x in tm):
-                return [f"`target_modules` entries must all be non-empty module names (strings), got {tm!r}."]
-            tm = self.target_modules = sorted(tm)
-        if isinstance(tm, str):
-            if tm in SHORTHANDS or tm in ROLES:
-                return []
-            return [
-                f"`target_modules` must be one of the shorthands {sorted(SHORTHANDS)}, a role {ROLES}, or a list of "
-                f"module names, got {tm!r}."
-            ]
-        if not isinstance(tm, list) or not tm or not all(isinstance(x, str) and x for x in tm):
-            return [f"`target_modules` must be a shorthand string or a non-empty list of names, got {tm!r}."]
-        return []
+            tm = sorted(tm) if all(isinstance(x, str) for x in tm) else list(tm)
+        if isinstance(parts, (set, tuple, frozenset)):
+            parts = sorted(parts) if all(isinstance(x, str) for x in parts) else list(parts)
+        if parts is None and _is_selection(tm):
+            parts, tm = tm, None  # the meaning of 0.1 and 0.2: `target_modules="ffn"`
+        elif parts is None and tm == "all-linear":
+            parts, tm = "all", None
+        if tm is not None and not (isinstance(tm, str) and tm) and not _is_names(tm):
+            problems.append(
+                "`target_modules` must be None, module names (a non-empty list of strings) or a regex (a string), "
+                f"got {self.target_modules!r}."
+            )
+        elif isinstance(tm, str) and not _is_regex(tm):
+            problems.append(
+                f"`target_modules` is a string, which PEFT reads as a regex over module names, but {tm!r} is not a "
+                "valid regex; pass module names as a list, or fix the regex."
+            )
+        if parts is None:
+            parts = "ffn" if tm is None else "all"
+        if isinstance(parts, str):
+            if parts not in SHORTHANDS and parts not in ROLES:
+                problems.append(
+                    f"`parts` must be one of the shorthands {sorted(SHORTHANDS)}, a role {ROLES}, or a list of roles "
+                    f"or module names, got {parts!r}."
+                )
+        elif not _is_names(parts):
+            problems.append(
+                f"`parts` must be a shorthand string or a non-empty list of roles or names, got {parts!r}."
+            )
+        self.parts, self.target_modules = parts, tm
+        return problems
 
     def roles_and_names(self) -> tuple[frozenset[str], frozenset[str]]:
-        """The selected roles, and the explicit module names (when `target_modules` lists names)."""
-        tm = self.target_modules
-        if isinstance(tm, str):
-            return (SHORTHANDS[tm] if tm in SHORTHANDS else frozenset({tm})), frozenset()
-        roles = frozenset(x for x in tm if x in ROLES)
-        names = frozenset(x for x in tm if x not in ROLES)
+        """The selected roles, and the module names inside a decoder layer that `parts` lists."""
+        parts = self.parts if self.parts is not None else "ffn"
+        if isinstance(parts, str):
+            return (SHORTHANDS[parts] if parts in SHORTHANDS else frozenset({parts})), frozenset()
+        roles = frozenset(x for x in parts if x in ROLES)
+        names = frozenset(x for x in parts if x not in ROLES)
         return roles, names
 
     def to_dict(self) -> dict:
@@ -296,6 +362,25 @@ class CoFiTuneConfig(PeftConfig):
     def pending_importance(self) -> Importance | str | None:
         """The importance `get_peft_model` installs: an in-memory one handed to the config, else the path."""
         return getattr(self, "_pending_importance", None) or self.importance
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, str) and x for x in value)
+
+
+def _is_regex(value: str) -> bool:
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True
+
+
+def _is_selection(value) -> bool:
+    """A CoFiTune selection (a shorthand, a role, or a list holding a role): `target_modules` of 0.1 and 0.2."""
+    if isinstance(value, str):
+        return value in SHORTHANDS or value in ROLES
+    return _is_names(value) and any(x in ROLES or x in SHORTHANDS for x in value)
 
 
 def _is_real(value) -> bool:

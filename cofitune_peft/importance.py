@@ -1,9 +1,13 @@
 """`Importance`: per-layer unit importance for versatility, the input of CoFiTune's Fine-SoftMask.
 
-Three parts, any of which may be absent: `heads` `[layers, num_heads]`, `intermediate` `[layers, intermediate_size]`
-and `output` `[layers, hidden_size]`. Values are normalised to [0, 1]: 1 means "never change this unit", 0 means "no
-protection". `estimate_importance` (the KL robustness proxy) produces one; this module holds the container, the
-normalisation of raw scores, and the per-row scale of a trained weight that the soft mask is built from.
+Five parts, any of which may be absent: `heads` `[layers, num_heads]`, `intermediate` `[layers, intermediate_size]`,
+`output` `[layers, hidden_size]` and, for mixture-of-experts layers, `expert_intermediate` `[layers, experts,
+expert_intermediate_size]` and `expert_output` `[layers, experts, hidden_size]`. Where layers differ (a Mamba layer
+has no heads, a MoE layer's shared expert is narrower than a dense layer's FFN), a part is as wide as its widest
+layer and `units[part][layer]` says how many of a layer's values are real (the rest are 0). Values are normalised to
+[0, 1]: 1 means "never change this unit", 0 means "no protection". `estimate_importance` (the KL robustness proxy)
+produces one; this module holds the container, the normalisation of raw scores and the files; `scales.py` turns it
+into the per-row scales the soft mask is built from.
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ from typing import Any
 
 import torch
 
-from .architectures import Dims, ModuleLayout, dims_of, segment_widths, spec_for
-from .errors import CoFiTuneError
+from .architectures import EXPERT_PARTS, PARTS, ModelLayout, model_layout
+from .errors import CoFiTuneError, missing_extra
 from .utils import atomic_path
 
-PARTS = ("heads", "intermediate", "output")
 FORMAT = "cofitune-importance"
 FORMAT_VERSION = "1"
 
@@ -50,6 +53,20 @@ def normalize(raw: torch.Tensor, method: str = "abs_tanh") -> torch.Tensor:
     return torch.tanh(z).abs().float()  # [layers, units]
 
 
+def normalize_part(raw: torch.Tensor, method: str, units: list[int] | None = None) -> torch.Tensor:
+    """`normalize` for one part: per layer over its real units (`units[layer]`, padding stays 0), and per layer and
+    expert for the experts' parts (`[layers, experts, units]`: each expert is ranked among its own units)."""
+    if raw.dim() == 3:
+        return normalize(raw.flatten(0, 1), method).view(raw.shape)
+    if units is None or all(u == raw.shape[1] for u in units):
+        return normalize(raw, method)
+    out = torch.zeros(raw.shape, dtype=torch.float32)
+    for layer, count in enumerate(units):
+        if count:
+            out[layer, :count] = normalize(raw[layer : layer + 1, :count], method)[0]
+    return out
+
+
 def _check_tensor(name: str, value: Any, normalized: bool) -> torch.Tensor | None:
     if value is None:
         return None
@@ -60,9 +77,11 @@ def _check_tensor(name: str, value: Any, normalized: bool) -> torch.Tensor | Non
             raise CoFiTuneError(
                 f"`{name}` must be a tensor of shape [layers, units], got {type(value).__name__}."
             ) from err
-    if value.dim() != 2 or value.shape[0] == 0 or value.shape[1] == 0:
+    dims = 3 if name in EXPERT_PARTS else 2
+    if value.dim() != dims or 0 in value.shape:
+        shape = "[layers, experts, units]" if dims == 3 else "[layers, units]"
         raise CoFiTuneError(
-            f"`{name}` must be a 2-D tensor [layers, units] with both sizes > 0, got shape {tuple(value.shape)}."
+            f"`{name}` must be a {dims}-D tensor {shape} with sizes > 0, got shape {tuple(value.shape)}."
         )
     value = value.detach().float().cpu()
     if not torch.isfinite(value).all():
@@ -81,17 +100,23 @@ def _check_tensor(name: str, value: Any, normalized: bool) -> torch.Tensor | Non
 
 @dataclass
 class Importance:
-    """Normalised importance of attention heads, FFN intermediate units and FFN outputs, per decoder layer.
+    """Normalised importance of attention heads, FFN intermediate units and FFN outputs (and of each expert's), per
+    decoder layer.
 
     Args:
         heads (`torch.Tensor`, *optional*): `[layers, num_heads]`.
-        intermediate (`torch.Tensor`, *optional*): `[layers, intermediate_size]`.
-        output (`torch.Tensor`, *optional*): `[layers, hidden_size]`.
+        intermediate (`torch.Tensor`, *optional*): `[layers, intermediate_size]` (every dense FFN of a layer, shared
+            experts included, one after the other).
+        output (`torch.Tensor`, *optional*): `[layers, hidden_size]` (times the number of dense FFNs in a layer).
         normalized (`bool`, *optional*, defaults to `False`): `False` treats the values as raw scores and applies the
             per-layer normalisation (`normalization`); `True` takes them as given (they must lie in [0, 1]).
         normalization (`str`, *optional*, defaults to `"abs_tanh"`): how raw scores are normalised: the authors'
             `|tanh(z)|` or `"one_sided"` `tanh(max(z, 0))` (see `normalize`). Recorded in `metadata`.
         metadata (`dict[str, str]`, *optional*): free-form provenance (model, data, number of tokens), saved with it.
+        expert_intermediate (`torch.Tensor`, *optional*): `[layers, experts, expert_intermediate_size]`.
+        expert_output (`torch.Tensor`, *optional*): `[layers, experts, hidden_size]`.
+        units (`dict[str, list[int]]`, *optional*): for parts whose width differs between layers, the number of real
+            units of each layer (the rest of the row is padding, 0 after normalisation). `None`: every layer is full.
 
     Example:
 
@@ -110,6 +135,9 @@ class Importance:
     normalized: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     normalization: str = "abs_tanh"
+    expert_intermediate: torch.Tensor | None = None
+    expert_output: torch.Tensor | None = None
+    units: dict[str, list[int]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.normalized, bool):
@@ -117,17 +145,27 @@ class Importance:
         if self.normalization not in NORMALIZATIONS:
             raise CoFiTuneError(f"`normalization` must be one of {NORMALIZATIONS}, got {self.normalization!r}.")
         raw = not self.normalized
+        self.units = self._check_units()
         for part in PARTS:
             value = _check_tensor(part, getattr(self, part), self.normalized)
             if value is not None and raw:
-                value = normalize(value, self.normalization)
+                value = normalize_part(value, self.normalization, self.units.get(part))
             setattr(self, part, value)
         present = {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
         if not present:
             raise CoFiTuneError(
-                "`Importance` needs at least one of `heads`, `intermediate` or `output`; got none. Estimate one "
+                f"`Importance` needs at least one of {', '.join(f'`{p}`' for p in PARTS)}; got none. Estimate one "
                 "with `estimate_importance(model, data)`."
             )
+        for part, counts in self.units.items():
+            if part not in present:
+                raise CoFiTuneError(f"`units` gives `{part}`, which this importance does not have.")
+            value = present[part]
+            if len(counts) != value.shape[0] or any(not 0 <= c <= value.shape[1] for c in counts):
+                raise CoFiTuneError(
+                    f"`units[{part!r}]` must give one count in [0, {value.shape[1]}] per layer ({value.shape[0]}), "
+                    f"got {counts}."
+                )
         layer_counts = {p: v.shape[0] for p, v in present.items()}
         if len(set(layer_counts.values())) != 1:
             raise CoFiTuneError(
@@ -139,6 +177,18 @@ class Importance:
         # From here on, values are normalised.
         self.normalized = True
 
+    def _check_units(self) -> dict[str, list[int]]:
+        units = self.units or {}
+        if not isinstance(units, dict):
+            raise CoFiTuneError(f"`units` must be None or a dict of part -> units per layer, got {units!r}.")
+        out = {}
+        for part, counts in units.items():
+            if part not in PARTS or part in EXPERT_PARTS:
+                raise CoFiTuneError(f"`units` keys must be among {PARTS[:3]}, got {part!r}.")
+            counts = [int(c) for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
+            out[part] = counts
+        return out
+
     @property
     def num_layers(self) -> int:
         return next(getattr(self, p) for p in PARTS if getattr(self, p) is not None).shape[0]
@@ -147,25 +197,24 @@ class Importance:
         """The present parts, by name."""
         return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
 
-    def validate_for(self, model, source: str = "importance") -> None:
+    def validate_for(self, model, source: str = "importance", layout: ModelLayout | None = None) -> None:
         """Raise `CoFiTuneError` unless the shapes match `model` (a transformers model or a PeftModel)."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        dims = dims_of(base, spec_for(base))
-        self.validate_dims(dims, source)
+        self.validate_layout(layout or model_layout(model), source)
 
-    def validate_dims(self, dims, source: str = "importance") -> None:
-        expected = {
-            "heads": (dims.num_layers, dims.num_heads),
-            "intermediate": (dims.num_layers, dims.intermediate),
-            "output": (dims.num_layers, dims.hidden),
-        }
+    def validate_layout(self, layout: ModelLayout, source: str = "importance") -> None:
+        """Raise `CoFiTuneError` unless every part has the shape the model's layout gives it."""
+        widths = layout.widths()
         for part, value in self.parts().items():
-            if tuple(value.shape) != expected[part]:
+            expected = (layout.num_layers, widths.get(part, 0))
+            if part in EXPERT_PARTS:
+                expected = (layout.num_layers, layout.experts(), widths.get(part, 0))
+            if tuple(value.shape) != expected:
                 origin = self.metadata.get("model", "another model")
                 where = f" (file {self.metadata['source']})" if self.metadata.get("source") else ""
                 raise CoFiTuneError(
-                    f"`{source}`{where}: part `{part}` has shape {tuple(value.shape)} but this model needs {expected[part]} "
-                    f"([layers, units]); it was estimated on {origin}. Estimate the importance on this model."
+                    f"`{source}`{where}: part `{part}` has shape {tuple(value.shape)} but this model needs {expected} "
+                    f"({'[layers, experts, units]' if part in EXPERT_PARTS else '[layers, units]'}); it was estimated "
+                    f"on {origin}. Estimate the importance on this model."
                 )
 
     @classmethod
@@ -190,7 +239,11 @@ class Importance:
                 raise CoFiTuneError(f"cannot combine `{part}` of different shapes {sorted(shapes)}; use one model.")
             combined[part] = torch.stack(values).amax(dim=0)
         meta = {"combined_from": str(len(importances))}
-        return cls(**combined, normalized=True, metadata=meta)
+        units = {}
+        for imp in importances:
+            for part, counts in imp.units.items():
+                units[part] = [max(a, b) for a, b in zip(units.get(part, counts), counts)]
+        return cls(**combined, normalized=True, metadata=meta, units=units or None)
 
     def top_fraction(self, fraction: float) -> Importance:
         """A hard mask: importance 1 for the top `fraction` of units of every layer and part (by this importance), 0
@@ -221,15 +274,17 @@ class Importance:
             )
         hard = {}
         for part, values in self.parts().items():
-            units = values.shape[1]
-            count = math.floor(fraction * units + 0.5)
-            # stable descending sort: equal values keep their index order, so the lower index wins a tie
-            order = torch.sort(values, dim=1, descending=True, stable=True).indices  # [layers, units]
-            mask = torch.zeros_like(values)  # [layers, units]
-            mask.scatter_(1, order[:, :count], 1.0)
-            hard[part] = mask
+            flat = values.flatten(0, -2)  # [rows, units]: a layer, or a layer's expert
+            counts = self.units.get(part, [flat.shape[1]] * flat.shape[0])
+            mask = torch.zeros_like(flat)
+            for row, units in enumerate(counts):
+                count = math.floor(fraction * units + 0.5)
+                # stable descending sort: equal values keep their index order, so the lower index wins a tie
+                order = torch.sort(flat[row, :units], descending=True, stable=True).indices
+                mask[row, order[:count]] = 1.0
+            hard[part] = mask.view(values.shape)
         metadata = {**self.metadata, "top_fraction": repr(float(fraction))}
-        out = Importance(**hard, normalized=True, metadata=metadata)
+        out = Importance(**hard, normalized=True, metadata=metadata, units=self.units or None)
         out.normalization = self.normalization
         return out
 
@@ -237,8 +292,10 @@ class Importance:
         """A copy with every part moved/cast like `Tensor.to`."""
         moved = {p: v.to(*args, **kwargs) for p, v in self.parts().items()}
         out = Importance.__new__(Importance)
-        out.heads, out.intermediate, out.output = (moved.get(p) for p in PARTS)
+        for part in PARTS:
+            setattr(out, part, moved.get(part))
         out.normalized, out.metadata, out.normalization = True, dict(self.metadata), self.normalization
+        out.units = {p: list(c) for p, c in self.units.items()}
         return out
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -265,7 +322,9 @@ class Importance:
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
         with atomic_path(path) as tmp:
-            save_file({p: v.contiguous() for p, v in self.parts().items()}, tmp, metadata=metadata)
+            tensors = {p: v.contiguous() for p, v in self.parts().items()}
+            tensors.update({f"units.{p}": torch.tensor(c, dtype=torch.int64) for p, c in self.units.items()})
+            save_file(tensors, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Importance:
@@ -286,6 +345,7 @@ class Importance:
                 f"`importance`: {path!r} is a safetensors file but not a CoFiTune importance file "
                 f"(format={meta.get('format')!r}); write it with `Importance.save`."
             )
+        units = {k.removeprefix("units."): tensors.pop(k).tolist() for k in list(tensors) if k.startswith("units.")}
         unknown = set(tensors) - set(PARTS)
         if unknown:
             raise CoFiTuneError(f"`importance`: {path!r} holds unknown parts {sorted(unknown)}; expected {PARTS}.")
@@ -294,21 +354,20 @@ class Importance:
         except json.JSONDecodeError:
             user_meta = {}
         user_meta["source"] = path
-        return cls(**tensors, normalized=meta.get("normalized") == "true", metadata=user_meta)
+        return cls(**tensors, normalized=meta.get("normalized") == "true", metadata=user_meta, units=units or None)
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
-        """A layers x units heatmap per part, written as a PNG (needs matplotlib: `pip install cofitune-peft[eval]`)."""
+        """A layers x units heatmap per part, written as a PNG (needs matplotlib: `pip install "cofitune-peft[eval]"`)."""
         try:
             from matplotlib.figure import Figure
-        except ImportError as err:
-            raise CoFiTuneError(
-                "`Importance.plot` needs matplotlib; install it with `pip install cofitune-peft[eval]`."
-            ) from err
+        except ModuleNotFoundError as err:
+            raise missing_extra("matplotlib", "`Importance.plot`", "eval") from err
 
         parts = self.parts()
         fig = Figure(figsize=(5 * len(parts), 4), layout="constrained")
         axes = fig.subplots(1, len(parts), squeeze=False)
         for ax, (name, values) in zip(axes[0], parts.items()):
+            values = values.flatten(1) if values.dim() == 3 else values  # experts side by side
             im = ax.imshow(values.numpy(), aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis")
             ax.set_title(f"{name} {tuple(values.shape)}")
             ax.set_xlabel("unit")
@@ -329,92 +388,17 @@ def resolve_importance(value: Importance | str | os.PathLike | None) -> Importan
     )
 
 
-# ---------------------------------------------------------------------- per-row scales of the soft mask
+from .scales import kv_head_importance, mean_one_factor, module_scale, unit_keep  # noqa: E402  (re-exported)
 
-
-def kv_head_importance(heads: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Importance of each key/value head under grouped-query attention: the max over the query heads it serves.
-
-    The max keeps a shared k/v projection as protected as its most important query head.
-
-    Args:
-        heads (`torch.Tensor`): `[num_heads]`.
-    """
-    num_heads = heads.shape[0]
-    if num_kv_heads == num_heads:
-        return heads
-    group = num_heads // num_kv_heads
-    return heads.view(num_kv_heads, group).amax(dim=1)  # [num_kv_heads]
-
-
-def unit_keep(importance: Importance | None, layer: int, unit: str, dims: Dims) -> torch.Tensor | None:
-    """`1 - I` for every unit of `unit` type in `layer`, or None when the importance does not cover that unit."""
-    if importance is None:
-        return None
-    if unit == "intermediate":
-        values = importance.intermediate
-    elif unit == "output":
-        values = importance.output
-    elif unit in ("head", "kv_head"):
-        values = importance.heads
-    else:
-        return None
-    if values is None:
-        return None
-    row = values[layer].float()
-    if unit == "kv_head":
-        row = kv_head_importance(row, dims.num_kv_heads)
-    return 1.0 - row  # [units]
-
-
-def module_scale(
-    importance: Importance | None, layer: int, layout: ModuleLayout, dims: Dims, size: int
-) -> tuple[torch.Tensor, list[str]]:
-    """The soft-mask factor of every row (or column) of one module, and the units the importance did not cover.
-
-    Returns:
-        `(scale, uncovered)`: `scale` is `[size]` with values in [0, 1]; `uncovered` lists the unit types that got
-        scale 1 because the importance has no values for them.
-    """
-    widths = segment_widths(layout, dims, size)
-    parts, uncovered = [], []
-    for seg, width in zip(layout.segments, widths):
-        keep = unit_keep(importance, layer, seg.unit, dims)
-        if keep is None:
-            if importance is not None and seg.unit != "none":
-                uncovered.append(seg.unit)
-            parts.append(torch.ones(width))
-        else:
-            parts.append(keep.repeat_interleave(width // keep.shape[0]))
-    return torch.cat(parts), uncovered  # [size]
-
-
-def mean_one_factor(scales: torch.Tensor, cap: float) -> float:
-    """The factor `c` for which `min(c * scales, cap)` has mean 1 (water-filling), for `mask_budget="mean_one"`.
-
-    `c * scales` keeps the mask's shape (and the order of the rows); rows that would exceed `cap` are held at it and the
-    others are rescaled again, until no new row reaches the cap. When the rows that can move cannot reach a mean of 1
-    even at the cap (too many zero scales), every nonzero row ends at the cap and the mean stays below 1: check it with
-    `min(c * scales, cap).mean()`.
-
-    Args:
-        scales (`torch.Tensor`): `[rows]`, the raw scales `1 - I` (>= 0) of the trained rows, pooled over modules.
-        cap (`float`): the largest scale a row may get (>= 1).
-    """
-    values = scales.detach().double().flatten().cpu()  # [rows]
-    n = values.numel()
-    if n == 0:
-        return 1.0
-    capped = torch.zeros(n, dtype=torch.bool)
-    factor = 1.0
-    for _ in range(n + 1):  # the capped set only grows, so this ends after at most n rounds
-        free_total = float(values[~capped].sum())
-        budget = n - cap * int(capped.sum())
-        if free_total <= 0.0 or budget <= 0.0:
-            break
-        factor = budget / free_total
-        grown = capped | (factor * values >= cap)
-        if torch.equal(grown, capped):
-            break
-        capped = grown
-    return factor
+__all__ = [
+    "EXPERT_PARTS",
+    "PARTS",
+    "Importance",
+    "kv_head_importance",
+    "mean_one_factor",
+    "module_scale",
+    "normalize",
+    "normalize_part",
+    "resolve_importance",
+    "unit_keep",
+]

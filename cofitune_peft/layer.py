@@ -21,8 +21,9 @@ through `F.linear(x, W0 + f * Delta)` would keep W, one extra weight-sized tenso
 forward to its backward.
 
 Quantized bases (bitsandbytes `Linear4bit` nf4/fp4, double quant, and `Linear8bitLt`) stay quantized and frozen; the
-delta trains in fp32 (or the layer's `compute_dtype`), and the forward is `base_layer(x) + x (f * Delta)^T`: the base
-output is exactly the quantized layer's own, so a zero delta is the quantized model bit for bit, and LLM.int8's
+delta trains in fp32 (or the layer's `compute_dtype`, or `CoFiTuneConfig.delta_dtype`), and the forward is
+`base_layer(x) + x (f * Delta)^T`: the base output is exactly the quantized layer's own, so a zero delta is the
+quantized model bit for bit, and LLM.int8's
 outlier handling is kept (dequantize-and-fuse was measured too, see `Linear`). Merging into a quantized base
 dequantizes, adds and quantizes again, with a warning about the rounding, as PEFT's LoRA bnb layers do.
 """
@@ -148,6 +149,24 @@ class _MaskedLinear(torch.autograd.Function):
         return grad_x, grad_w0, grad_b, None, None, *grad_deltas, *([None] * (2 * count))
 
 
+def delta_dtype_for(
+    base_layer: nn.Module, requested: str | torch.dtype | None = None, weight: torch.Tensor | None = None
+) -> torch.dtype:
+    """The dtype a new delta of `base_layer` is created in: `requested` (`CoFiTuneConfig.delta_dtype`) when given, else
+    the base weight's floating dtype (a bitsandbytes base: its compute dtype; an integer weight: float32). `weight`:
+    the weight the delta is added to when it is not `base_layer.weight` (a fused expert parameter).
+
+    Every delta is created through `DeltaWeight.for_base`, which calls this: the one place the dtype is decided.
+    """
+    if requested is not None:
+        return getattr(torch, requested) if isinstance(requested, str) else requested
+    if _compat.quantization_of(base_layer) is not None:
+        # a 4-bit weight may be stored in bf16 (`quant_storage`): its dtype says nothing about the values
+        return _compat.bnb_compute_dtype(base_layer) or torch.float32
+    weight = base_layer.weight if weight is None else weight
+    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
 class DeltaWeight(nn.Module):
     """Holds one adapter's trained change of a weight, in the base weight's layout.
 
@@ -162,6 +181,28 @@ class DeltaWeight(nn.Module):
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device | None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+
+    @classmethod
+    def for_base(
+        cls,
+        base_layer: nn.Module,
+        shape: torch.Size,
+        requested: str | torch.dtype | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> DeltaWeight:
+        """A zero delta of `shape` for `base_layer` (for its `weight`, when that is not `base_layer.weight`), on the
+        weight's device (None for a meta weight), in `delta_dtype_for(base_layer, requested, weight)`. Layers that hold
+        deltas (this module's `Linear`, expert layers) create them here, so that `CoFiTuneConfig.delta_dtype` applies
+        to all of them."""
+        weight = base_layer.weight if weight is None else weight
+        device = weight.device if weight.device.type != "meta" else None
+        return cls(shape, delta_dtype_for(base_layer, requested, weight), device)
+
+    def cast_(self, dtype: torch.dtype) -> None:
+        """Store the delta in `dtype` (a new Parameter when it changes, as PEFT's `cast_adapter_dtype` does: build the
+        optimizer afterwards)."""
+        if self.weight.dtype != dtype:
+            self.weight = nn.Parameter(self.weight.data.to(dtype), requires_grad=self.weight.requires_grad)
 
     def forward(self, forward_scale: torch.Tensor, backward_scale: torch.Tensor, consume=None) -> torch.Tensor:
         delta = self.weight
@@ -218,6 +259,7 @@ class CoFiTuneLayer(BaseTunerLayer):
         init_weights: bool = True,
         inference_mode: bool = False,
         strength: float = 1.0,
+        delta_dtype: str | None = None,
     ) -> None:
         weight = self.get_base_layer().weight
         shape = full_shape(weight)
@@ -227,13 +269,7 @@ class CoFiTuneLayer(BaseTunerLayer):
                 f"soft-mask scale of shape {tuple(scale.shape)} does not fit a weight of shape {tuple(shape)} "
                 f"along dim {dim}."
             )
-        if self.quantization is not None:
-            # a 4-bit weight may be stored in bf16 (`quant_storage`): its dtype says nothing about the values
-            dtype = _compat.bnb_compute_dtype(self.get_base_layer()) or torch.float32
-        else:
-            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        device = weight.device if weight.device.type != "meta" else None
-        self.cofitune_delta[adapter_name] = DeltaWeight(shape, dtype, device)
+        self.cofitune_delta[adapter_name] = DeltaWeight.for_base(self.get_base_layer(), shape, delta_dtype)
         if not init_weights:
             with torch.no_grad():
                 self.cofitune_delta[adapter_name].weight.normal_(0.0, 0.02)
@@ -242,8 +278,27 @@ class CoFiTuneLayer(BaseTunerLayer):
         self.cofitune_mode[adapter_name] = mode
         self.cofitune_axis[adapter_name] = dim
         self.cofitune_strength[adapter_name] = float(strength)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)  # casts to the base dtype: undo that for the delta
+        if delta_dtype is not None:
+            self.cofitune_delta[adapter_name].cast_(delta_dtype_for(self.get_base_layer(), delta_dtype))
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def cast_adapter_(self, adapter_name: str, delta_dtype: str | None, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's `cast_adapter_dtype` for this layer with `CoFiTuneConfig.delta_dtype` applied: the soft-mask buffers
+        are upcast to float32 as PEFT does (when `autocast_adapter_dtype`), the delta goes to `delta_dtype` (PEFT's
+        upcast when it is None)."""
+        low = (torch.float16, torch.bfloat16)
+        if autocast_adapter_dtype:
+            for buffers in (self.cofitune_scale, self.cofitune_rows):
+                if adapter_name in buffers and buffers[adapter_name].dtype in low:
+                    buffers[adapter_name] = buffers[adapter_name].to(torch.float32)
+        if adapter_name not in self.cofitune_delta:
+            return
+        delta = self.cofitune_delta[adapter_name]
+        if delta_dtype is not None:
+            delta.cast_(delta_dtype_for(self.get_base_layer(), delta_dtype))
+        elif autocast_adapter_dtype and delta.weight.dtype in low:
+            delta.cast_(torch.float32)
 
     def _broadcast(self, vector: torch.Tensor, adapter_name: str) -> torch.Tensor:
         # [size] -> [size, 1] for rows, [1, size] for columns

@@ -14,16 +14,17 @@ import os
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from . import _compat
-from .architectures import decoder_layers, spec_for
+from .architectures import table
+from .checkpointing import fix_input_grads
 from .config import CoFiTuneConfig, describe_importance, strength_problems
 from .errors import CoFiTuneError
+from .experts import ExpertsLayer
 from .importance import Importance, resolve_importance
 from .layer import CoFiTuneLayer, Linear
-from .plan import build_plan
-from .serving import lora_factors, weighted_config, weighted_delta
+from .plan import build_plan, peft_selection
+from .serving import lora_adapter, weighted_config, weighted_delta
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class CoFiTuneModel(BaseTuner):
     """The PEFT tuner of CoFiTune; create it with `peft.get_peft_model(model, CoFiTuneConfig(...))`."""
 
     prefix: str = "cofitune_"
-    tuner_layer_cls = CoFiTuneLayer
+    tuner_layer_cls = (CoFiTuneLayer, ExpertsLayer)
     target_module_mapping: dict[str, list[str]] = {}
 
     def _prepare_adapter_config(self, peft_config, model_config):
@@ -42,27 +43,44 @@ class CoFiTuneModel(BaseTuner):
         # PEFT calls this once per adapter right before injecting it; the plan for that injection lives here, on the
         # tuner, until `_post_injection_hook` drops it.
         importance = resolve_importance(peft_config.pending_importance())
-        self._cofitune_plan = build_plan(model, peft_config, importance)
+        plan = build_plan(model, peft_config, importance)
+        self._cofitune_plan, self._cofitune_modules = plan, plan.modules()
         self._cofitune_pending = importance
-        # The resolved window is written back (and saved), so the config says what was trained.
-        if peft_config.layers is None and self._cofitune_plan.window is not None:
-            peft_config.layers = self._cofitune_plan.window
+        # The resolved window is written back (and saved), so the config says what was trained; `target_modules`
+        # takes PEFT's meaning: names its matcher resolves to exactly the wrapped modules.
+        if peft_config.layers is None and plan.window is not None:
+            peft_config.layers = plan.window
+        for name, value in peft_selection(plan, model, peft_config).items():
+            setattr(peft_config, name, value)
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
-        plan = getattr(self, "_cofitune_plan", None)
-        return plan is not None and key in plan.entries
+        modules = getattr(self, "_cofitune_modules", None)
+        return modules is not None and key in modules
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        entry = self._cofitune_plan.entries[current_key]
-        layer_kwargs = {
-            "axis": entry.target.layout.axis,
-            "scale": entry.scale,
-            "rows": entry.rows,
+        entries = self._cofitune_modules[current_key]
+        common = {
             "mode": peft_config.softmask_mode,
             "init_weights": peft_config.init_weights,
             "inference_mode": peft_config.inference_mode,
             "strength": getattr(peft_config, "strength", 1.0),
+            "delta_dtype": getattr(peft_config, "delta_dtype", None),
         }
+        if entries[0].layout.param is not None:
+            params = {
+                e.layout.param: {"scale": e.scale, "rows": e.rows, "dim": e.layout.dim, "experts": e.layout.experts}
+                for e in entries
+            }
+            if isinstance(target, ExpertsLayer):
+                target.update_layer(adapter_name, params=params, **common)
+                return
+            new_module = ExpertsLayer(target, adapter_name, params=params, **common)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            return
+        entry = entries[0]
+        layer_kwargs = {"axis": entry.layout.axis, "scale": entry.scale, "rows": entry.rows, **common}
         if isinstance(target, CoFiTuneLayer):
             target.update_layer(adapter_name, **layer_kwargs)
             return
@@ -71,20 +89,53 @@ class CoFiTuneModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child):
+        # Unloading a fused-experts wrapper puts back a module without a `weight`; PEFT's version would copy one.
+        inner = getattr(child, "base_layer", child)
+        if not hasattr(new_module, "base_layer") and not hasattr(inner, "weight"):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         # The plan's tensors are now in the layers; the importance stays with the tuner (not the config).
-        self._cofitune_plan = None
+        self._cofitune_plan = self._cofitune_modules = None
         self._importances[adapter_name] = self._cofitune_pending
         self._cofitune_pending = None
         if hasattr(config, "_pending_importance"):
             del config._pending_importance
+        self._cofitune_reversible = table.runs_layers_outside_autograd(model)
+        if self._cofitune_reversible and hasattr(model, "enable_input_require_grads"):
+            # reversible layers (Reformer) run their forward without autograd and recompute it in backward: the
+            # deltas get gradients only when the layers' input requires grad
+            model.enable_input_require_grads()
         if getattr(self, "_cofitune_input_grad_hook", None) is None:
             self._cofitune_input_grad_hook = model.register_forward_pre_hook(
-                functools.partial(_fix_input_grads, self), with_kwargs=True
+                functools.partial(fix_input_grads, self), with_kwargs=True
             )
             self._cofitune_window_hook = None
             # Where `enable_input_require_grads` leaves its hooks; looked up once, checked every forward.
             self._cofitune_embeddings = _compat.input_embeddings(model)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's cast after injection and loading, with `CoFiTuneConfig.delta_dtype` applied to the deltas.
+
+        PEFT (`autocast_adapter_dtype=True`, its default) upcasts bf16/fp16 adapter weights to float32. A config with
+        `delta_dtype` keeps its deltas in that dtype instead, whatever the flag says; the deltas are cast one at a
+        time, never all at once in float32. Other tuner layers (e.g. `modules_to_save`) get PEFT's own cast.
+        """
+        config = self.peft_config.get(adapter_name)
+        delta_dtype = getattr(config, "delta_dtype", None)
+        if delta_dtype is None:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+
+        for module in self.model.modules():
+            if isinstance(module, (CoFiTuneLayer, ExpertsLayer)):
+                module.cast_adapter_(adapter_name, delta_dtype, autocast_adapter_dtype)
+            elif isinstance(module, BaseTunerLayer):
+                cast_adapter_dtype(module, adapter_name, autocast_adapter_dtype)
 
     @property
     def _importances(self) -> dict[str, Importance | None]:
@@ -93,6 +144,15 @@ class CoFiTuneModel(BaseTuner):
         return self.__dict__["_cofitune_importances"]
 
     # ------------------------------------------------------------------ save / load
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # Expert layers keep one tensor per parameter under the adapter: `cofitune_delta.<adapter>.<param>.weight`.
+        for container in (".cofitune_delta.", ".cofitune_scale."):
+            marker = f"{container}{adapter_name}."
+            if marker in key:
+                return key.replace(marker, container, 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -113,12 +173,7 @@ class CoFiTuneModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         # PEFT loads with strict=False: a key or shape mismatch would load nothing, silently. Check it here.
-        own = {
-            k: v
-            for k, v in model.state_dict().items()
-            if (".cofitune_delta." in k or ".cofitune_scale." in k)
-            and k.endswith((f".{adapter_name}.weight", f".{adapter_name}"))
-        }
+        own = {k: v for k, v in model.state_dict().items() if _is_adapter_key(k, adapter_name)}
         missing = sorted(k for k in own if k not in remapped)
         if missing:
             raise CoFiTuneError(
@@ -148,11 +203,14 @@ class CoFiTuneModel(BaseTuner):
             raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(self.peft_config)}.")
         resolved = resolve_importance(importance)
         plan = build_plan(self.model, self.peft_config[adapter_name], resolved)
-        for key, entry in plan.entries.items():
-            layer = self.model.get_submodule(key)
-            if not isinstance(layer, CoFiTuneLayer) or adapter_name not in layer.cofitune_scale:
+        for entry in plan.entries.values():
+            layer = self.model.get_submodule(entry.key)
+            if isinstance(layer, ExpertsLayer) and adapter_name in layer.cofitune_scale:
+                buffer = layer.cofitune_scale[adapter_name].get(entry.layout.param)
+            elif isinstance(layer, CoFiTuneLayer) and adapter_name in layer.cofitune_scale:
+                buffer = layer.cofitune_scale[adapter_name]
+            else:
                 continue
-            buffer = layer.cofitune_scale[adapter_name]
             buffer.copy_(entry.scale.to(buffer.device, buffer.dtype))
         stored = self.peft_config[adapter_name]
         stored.importance = importance if isinstance(importance, (str, os.PathLike)) else None
@@ -182,7 +240,7 @@ class CoFiTuneModel(BaseTuner):
         problems = strength_problems(value)
         if problems:
             raise CoFiTuneError(problems[0])
-        layers = [layer for _, layer in self.cofitune_layers() if adapter_name in layer.cofitune_strength]
+        layers = [layer for _, layer in self.all_cofitune_layers() if adapter_name in layer.cofitune_strength]
         if any(adapter_name in layer.merged_adapters for layer in layers):
             raise CoFiTuneError(
                 f"`set_strength`: adapter {adapter_name!r} is merged into the base weights with its old strength; "
@@ -202,18 +260,34 @@ class CoFiTuneModel(BaseTuner):
     # ------------------------------------------------------------------ introspection
 
     def cofitune_layers(self) -> list[tuple[str, Linear]]:
-        """The wrapped modules, by name."""
+        """The wrapped `nn.Linear`/`Conv1D` modules, by name."""
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, CoFiTuneLayer)]
 
+    def expert_layers(self) -> list[tuple[str, ExpertsLayer]]:
+        """The wrapped fused-experts modules, by name."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ExpertsLayer)]
+
+    def all_cofitune_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every wrapped module (linears and fused experts), by name."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, (CoFiTuneLayer, ExpertsLayer))]
+
     def mask_statistics(self, adapter_name: str | None = None) -> dict[str, float]:
-        """Mean soft-mask scale over trained rows and the fraction of rows with scale < 0.1."""
+        """Mean soft-mask scale over trained rows (each expert's rows counted) and the fraction with scale < 0.1."""
         adapter_name = adapter_name or self.active_adapters[0]
         total = count = low = 0.0
+        pairs = []
         for _, layer in self.cofitune_layers():
-            if adapter_name not in layer.cofitune_scale:
-                continue
-            rows = layer.cofitune_rows[adapter_name] > 0
-            scale = layer.cofitune_scale[adapter_name][rows]
+            if adapter_name in layer.cofitune_scale:
+                pairs.append((layer.cofitune_scale[adapter_name], layer.cofitune_rows[adapter_name]))
+        for _, layer in self.expert_layers():
+            if adapter_name in layer.cofitune_scale:
+                for name in layer.params(adapter_name):
+                    pairs.append(
+                        (layer.cofitune_scale[adapter_name].get(name), layer.cofitune_rows[adapter_name].get(name))
+                    )
+        for scale, rows in pairs:
+            rows = rows > 0
+            scale = scale[rows]
             total += float(scale.sum())
             count += scale.numel()
             low += float((scale < 0.1).sum())
@@ -247,7 +321,8 @@ class CoFiTuneModel(BaseTuner):
         >>> model.set_adapter("both")  # doctest: +SKIP
         ```
         """
-        config = weighted_config(self.peft_config, adapters, weights, adapter_name, combination_type)
+        keys = {n for n, layer in self.all_cofitune_layers() if any(a in layer.cofitune_delta for a in adapters)}
+        config = weighted_config(self.peft_config, adapters, weights, adapter_name, combination_type, keys)
         # PEFT's injection re-applies the active adapters' trainability to every layer it touches; keep it as it was.
         trainable = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self.peft_config[adapter_name] = config
@@ -264,6 +339,15 @@ class CoFiTuneModel(BaseTuner):
                     continue
                 target = layer.cofitune_delta[adapter_name].weight
                 target.copy_(weighted_delta(layer, adapters, weights, target))
+            for _, layer in self.expert_layers():
+                if adapter_name not in layer.cofitune_delta:
+                    continue
+                for name, delta in zip(layer.params(adapter_name), layer.cofitune_delta[adapter_name].values()):
+                    total = torch.zeros(delta.weight.shape, dtype=torch.float32, device=delta.weight.device)
+                    for other, weight in zip(adapters, weights):
+                        if other in layer.cofitune_delta and name in layer.params(other):
+                            total += float(weight) * layer.delta(other, name).to(total.device, torch.float32)
+                    delta.weight.copy_(total)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -305,6 +389,14 @@ class CoFiTuneModel(BaseTuner):
                 f"`adapter_names` must be a list with one adapter name (or '__base__') per batch row, got "
                 f"{adapter_names!r}."
             )
+        experts = [
+            name for name, layer in self.expert_layers() if any(a in layer.cofitune_delta for a in adapter_names)
+        ]
+        if experts:
+            raise CoFiTuneError(
+                f"`adapter_names` cannot route batch rows through CoFiTune adapters on fused expert parameters "
+                f"({experts[0]}); run each adapter on its own batch (PEFT's LoRA `target_parameters` has the same limit)."
+            )
         available = set()
         for _, layer in self.cofitune_layers():
             available.update(layer.cofitune_delta.keys())
@@ -322,73 +414,12 @@ class CoFiTuneModel(BaseTuner):
         return list(adapter_names)
 
 
-def _fix_input_grads(tuner: CoFiTuneModel, module: nn.Module, args, kwargs):
-    """Forward pre-hook: undo `enable_input_require_grads`, which drags every layer into the backward pass.
-
-    Trainer and TRL call it whenever PEFT and gradient checkpointing meet. With non-reentrant checkpointing (the
-    transformers default) or none, autograd needs no help, so the hook is simply removed. Reentrant checkpointing does
-    need a grad-requiring input to a checkpointed layer that holds trainable weights; we give it to the lowest such
-    layer instead of to the embeddings, so the layers below it still stay out of the backward pass.
-    """
-    if not module.training:
-        return None
-    found = _compat.input_grad_hooks(tuner._cofitune_embeddings)
-    if not found:
-        return None
-    configs = [tuner.peft_config[a] for a in tuner.active_adapters if a in tuner.peft_config]
-    if not configs or not all(getattr(c, "fix_input_grads", False) for c in configs):
-        return None
-    trainable_layers = _lowest_trainable_layer(tuner)
-    if trainable_layers is None:
-        return None
-    lowest, layer_module = trainable_layers
-    reentrant = _compat.reentrant_checkpointing(module)
-    _compat.remove_input_grad_hooks(module, found)
-    if reentrant and tuner._cofitune_window_hook is None:
-        tuner._cofitune_window_hook = layer_module.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
-        logger.info(
-            "CoFiTune: removed the input-require-grads hook; reentrant checkpointing gets a grad-requiring input at "
-            "layer %d instead, so layers below it stay out of the backward pass.",
-            lowest,
-        )
-    else:
-        logger.info(
-            "CoFiTune: removed the input-require-grads hook; layers below %d stay out of the backward pass.", lowest
-        )
-    return None
-
-
-def _inputs_require_grad(module, args, kwargs):
-    def mark(t):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad:
-            return t.detach().requires_grad_(True)
-        return t
-
-    if not (module.training and torch.is_grad_enabled()):
-        return None
-    if args:
-        return (mark(args[0]), *args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        kwargs = dict(kwargs, hidden_states=mark(kwargs["hidden_states"]))
-    return args, kwargs
-
-
-def _lowest_trainable_layer(tuner: CoFiTuneModel) -> tuple[int, nn.Module] | None:
-    patterns = set()
-    for cfg in tuner.peft_config.values():
-        if getattr(cfg, "unit_map", None) is not None:
-            patterns.add(cfg.layers_pattern or "layers")
-        else:
-            try:
-                patterns.add(cfg.layers_pattern or spec_for(tuner.model).layers_pattern)
-            except CoFiTuneError:
-                patterns.add("layers")
-    for pattern in patterns:
-        layers = decoder_layers(tuner.model, pattern)
-        for index in sorted(layers):
-            if any(p.requires_grad for p in layers[index].parameters()):
-                return index, layers[index]
-    return None
+def _is_adapter_key(key: str, adapter_name: str) -> bool:
+    """Whether a model state-dict key is a delta or scale of adapter `adapter_name` (linear or expert layer)."""
+    if ".cofitune_delta." not in key and ".cofitune_scale." not in key:
+        return False
+    nested = f".cofitune_delta.{adapter_name}." in key or f".cofitune_scale.{adapter_name}." in key
+    return nested or key.endswith((f".{adapter_name}.weight", f".{adapter_name}"))
 
 
 def set_importance(
@@ -460,47 +491,4 @@ def convert_to_lora(model: nn.Module, rank: int | float, adapter_name: str = "de
             keep per module.
         adapter_name (`str`, *optional*, defaults to `"default"`): the adapter to convert.
     """
-    from collections import Counter
-
-    from peft import LoraConfig
-
-    tuner = find_tuner(model)
-    if tuner is None:
-        raise CoFiTuneError(f"`model` ({type(model).__name__}) has no CoFiTune adapter to convert.")
-    if adapter_name not in tuner.peft_config:
-        raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(tuner.peft_config)}.")
-    is_int = isinstance(rank, int) and not isinstance(rank, bool)
-    if not ((is_int and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)):
-        raise CoFiTuneError(
-            f"`rank` must be an int >= 1 or a float in (0, 1] (fraction of singular-value energy), got {rank!r}."
-        )
-    config = tuner.peft_config[adapter_name]
-    if getattr(config, "modules_to_save", None):
-        raise CoFiTuneError(
-            f"adapter {adapter_name!r} trains whole modules (`modules_to_save`={config.modules_to_save}), which a "
-            "LoRA cannot express; export it with `--to merged` instead."
-        )
-    state_dict, ranks, conv1d = {}, {}, False
-    for name, layer in tuner.cofitune_layers():
-        if adapter_name not in layer.cofitune_delta:
-            continue
-        lora_a, lora_b, ranks[name] = lora_factors(layer, adapter_name, rank)
-        state_dict[f"base_model.model.{name}.lora_A.weight"] = lora_a
-        state_dict[f"base_model.model.{name}.lora_B.weight"] = lora_b
-        conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
-    if not ranks:
-        raise CoFiTuneError(f"adapter {adapter_name!r} has no CoFiTune layers in this model; nothing to convert.")
-    default = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {name: r for name, r in ranks.items() if r != default}
-    lora_config = LoraConfig(
-        r=default,
-        lora_alpha=default,
-        lora_dropout=0.0,
-        target_modules=sorted(ranks),
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        fan_in_fan_out=conv1d,
-        base_model_name_or_path=config.base_model_name_or_path,
-        task_type=config.task_type,
-    )
-    return lora_config, state_dict
+    return lora_adapter(find_tuner(model), model, rank, adapter_name)

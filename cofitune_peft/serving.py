@@ -2,7 +2,7 @@
 
 CoFiTune's deltas are full rank, so a weighted sum of adapters is exact (task arithmetic, adapter soups), and a LoRA
 of rank r is the truncated SVD of each module's masked delta (exact at full rank). `CoFiTuneModel.add_weighted_adapter`
-and `convert_to_lora` (in `model.py`) build on these functions.
+and `convert_to_lora` (in `model.py`; its LoRA adapter is built by `lora_adapter` here) build on these functions.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ from .errors import CoFiTuneError
 from .layer import CoFiTuneLayer
 
 
-def weighted_config(peft_config: dict, adapters, weights, adapter_name: str, combination_type: str) -> CoFiTuneConfig:
-    """The config of `add_weighted_adapter`'s new adapter, after checking its arguments against `peft_config`."""
+def weighted_config(
+    peft_config: dict, adapters, weights, adapter_name: str, combination_type: str, module_keys=()
+) -> CoFiTuneConfig:
+    """The config of `add_weighted_adapter`'s new adapter, after checking its arguments against `peft_config`.
+
+    `module_keys` are the modules the adapters wrap (full names): the new adapter wraps exactly their union.
+    """
     if combination_type != "linear":
         raise CoFiTuneError(
             f"`combination_type` must be 'linear' (the exact weighted sum of CoFiTune's full-rank deltas), got "
@@ -63,22 +68,17 @@ def weighted_config(peft_config: dict, adapters, weights, adapter_name: str, com
         if indices is None:
             raise CoFiTuneError(f"adapter {a!r} has no resolved layers; it was not built on this model.")
         layers.update(indices)
-    targets = [c.target_modules for c in configs]
-    if any(t != targets[0] for t in targets):
-        roles, names = set(), set()
-        for c in configs:
-            r, n = c.roles_and_names()
-            roles, names = roles | r, names | n
-        targets[0] = sorted(roles) + sorted(names)
     save_dtypes = {c.save_dtype for c in configs}
+    delta_dtypes = {getattr(c, "delta_dtype", None) for c in configs}
     first = configs[0]
     return CoFiTuneConfig(
         layers_to_transform=sorted(layers),
-        target_modules=targets[0],
+        parts=sorted(module_keys),
         softmask_mode="none",
         unit_map=first.unit_map,
         layers_pattern=first.layers_pattern,
         save_dtype=save_dtypes.pop() if len(save_dtypes) == 1 else None,
+        delta_dtype=delta_dtypes.pop() if len(delta_dtypes) == 1 else None,
         fix_input_grads=first.fix_input_grads,
         base_model_name_or_path=first.base_model_name_or_path,
         task_type=first.task_type,
@@ -119,3 +119,56 @@ def lora_factors(layer: CoFiTuneLayer, adapter_name: str, rank: int | float) -> 
     lora_b = u[:, :r] * s[:r]  # [out, r]
     lora_a = vh[:r]  # [r, in]
     return lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous(), r
+
+
+def lora_adapter(tuner, model, rank: int | float, adapter_name: str = "default"):
+    """`convert_to_lora` (in `model.py`) for the `CoFiTuneModel` `tuner` found in `model` (None: there is none)."""
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    if tuner is None:
+        raise CoFiTuneError(f"`model` ({type(model).__name__}) has no CoFiTune adapter to convert.")
+    if adapter_name not in tuner.peft_config:
+        raise CoFiTuneError(f"`adapter_name` {adapter_name!r} does not exist; have {sorted(tuner.peft_config)}.")
+    is_int = isinstance(rank, int) and not isinstance(rank, bool)
+    if not ((is_int and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)):
+        raise CoFiTuneError(
+            f"`rank` must be an int >= 1 or a float in (0, 1] (fraction of singular-value energy), got {rank!r}."
+        )
+    config = tuner.peft_config[adapter_name]
+    experts = [name for name, layer in tuner.expert_layers() if adapter_name in layer.cofitune_delta]
+    if experts:
+        raise CoFiTuneError(
+            f"adapter {adapter_name!r} trains fused expert parameters ({experts[0]}), whose per-expert deltas a LoRA "
+            "of `nn.Linear` modules cannot express; export it with `--to merged` instead."
+        )
+    if getattr(config, "modules_to_save", None):
+        raise CoFiTuneError(
+            f"adapter {adapter_name!r} trains whole modules (`modules_to_save`={config.modules_to_save}), which a "
+            "LoRA cannot express; export it with `--to merged` instead."
+        )
+    state_dict, ranks, conv1d = {}, {}, False
+    for name, layer in tuner.cofitune_layers():
+        if adapter_name not in layer.cofitune_delta:
+            continue
+        lora_a, lora_b, ranks[name] = lora_factors(layer, adapter_name, rank)
+        state_dict[f"base_model.model.{name}.lora_A.weight"] = lora_a
+        state_dict[f"base_model.model.{name}.lora_B.weight"] = lora_b
+        conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
+    if not ranks:
+        raise CoFiTuneError(f"adapter {adapter_name!r} has no CoFiTune layers in this model; nothing to convert.")
+    default = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {name: r for name, r in ranks.items() if r != default}
+    lora_config = LoraConfig(
+        r=default,
+        lora_alpha=default,
+        lora_dropout=0.0,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        fan_in_fan_out=conv1d,
+        base_model_name_or_path=config.base_model_name_or_path,
+        task_type=config.task_type,
+    )
+    return lora_config, state_dict

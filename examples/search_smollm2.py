@@ -61,7 +61,7 @@ def main() -> None:
         batch_size=args.batch_size, max_length=128,
     )  # fmt: skip
     print(result.to_markdown())
-    print("best:", result.best_config.layers, result.best_config.target_modules)
+    print("best:", result.best_config.layers, result.best_config.parts)
     print("plot:", result.plot(f"{args.output_dir}/search.png"))
     print(f"wall clock: {(time.perf_counter() - started) / 60:.1f} min (cached candidates are not re-run)")
 

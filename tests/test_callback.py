@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -166,3 +167,24 @@ def test_callback_estimates_importance_at_train_start(tmp_path):
     saved = Importance.load(tmp_path / "out" / IMPORTANCE_FILE)
     assert torch.allclose(scale, 1 - saved.intermediate[2])
     assert "num_tokens" in saved.metadata
+
+
+def test_callback_records_the_task_type_and_training_settings_for_the_card(tmp_path):
+    trainer = SFTTrainer(
+        model=tiny_model(),
+        args=sft_args(tmp_path, gradient_accumulation_steps=2, warmup_steps=0.25, weight_decay=0.1),
+        train_dataset=domain_data(),
+        processing_class=tiny_tokenizer(),
+        peft_config=CoFiTuneConfig(layers=(2, 4)),
+        callbacks=[CoFiTuneCallback(importance=importance())],
+    )
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    info = config["training_info"]
+    assert info["trainer"] == "TRL SFTTrainer" and info["steps"] == 4 and info["batch_size"] == 8
+    assert info["learning_rate"] == 1e-2 and info["max_length"] == 32 and info["seed"] == 0
+    assert info["warmup"] == "0.25 of the steps" and info["weight_decay"] == 0.1
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "| trained with | TRL SFTTrainer |" in card and "| examples per optimizer step | 8 |" in card

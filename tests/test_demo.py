@@ -22,9 +22,16 @@ def _fake_task(task, tokenizer, **kwargs):
     return TRAIN, {"validation": val, "test": test}, GENERAL
 
 
-def _tiny_loader(name):
-    tok = tiny_tokenizer()
-    return (lambda: tiny_model(num_layers=4)), tok
+def _tiny_loader(name, base_model_id=None):
+    from cofitune_peft.hub import set_base_model_id
+
+    def load():
+        model = tiny_model(num_layers=4)
+        if base_model_id is not None:
+            set_base_model_id(model, base_model_id)
+        return model
+
+    return load, tiny_tokenizer()
 
 
 def test_demo_runs_the_reduced_comparison_and_saves_the_selected_adapter(tmp_path, monkeypatch, capsys):
@@ -34,7 +41,17 @@ def test_demo_runs_the_reduced_comparison_and_saves_the_selected_adapter(tmp_pat
     monkeypatch.setattr(tasks, "model_loader", _tiny_loader)
     parser = argparse.ArgumentParser()
     demo.add_demo_arguments(parser)
-    args = parser.parse_args(["--quick", "--output-dir", str(tmp_path), "--steps", "2", "--no-progress"])
+    argv = [
+        "--quick",
+        "--output-dir",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--no-progress",
+        "--base-model-id",
+        "tiny-org/base",
+    ]
+    args = parser.parse_args(argv)
     assert demo.demo_command(args) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "demo.json").read_text())
@@ -45,6 +62,12 @@ def test_demo_runs_the_reduced_comparison_and_saves_the_selected_adapter(tmp_pat
     # every trained point of the mask method saved its adapter; the demo names the selected one
     assert summary["adapter"].endswith(comparison["selected"][demo.DEMO_MASK]["key"])
     assert (tmp_path / "adapters").is_dir() and len(list((tmp_path / "adapters").iterdir())) == 1
+    # ready to publish: the base model's Hub id (--base-model-id), the task type and the training settings
+    config = json.loads(
+        (tmp_path / "adapters" / comparison["selected"][demo.DEMO_MASK]["key"] / "adapter_config.json").read_text()
+    )
+    assert config["base_model_name_or_path"] == "tiny-org/base" and config["task_type"] == "CAUSAL_LM"
+    assert config["training_info"]["steps"] == 2 and config["training_info"]["trainer"] == "cofitune-peft train_sft"
     assert len(summary["verdict"]) == 4 and "Verdict" in out and "LoRA" in out
     assert (tmp_path / "comparison.png").stat().st_size > 0
 

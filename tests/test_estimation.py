@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import ARCHS, tiny_model
 
-from cofitune_peft.architectures import dims_of, spec_for
+from cofitune_peft.architectures import dims_of
 from cofitune_peft.errors import CoFiTuneError
 from cofitune_peft.estimation import _estimate_raw, estimate_importance
 from cofitune_peft.importance import Importance
@@ -63,7 +63,7 @@ def assert_raw_equal(a, b, **tol):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_shapes_finite_and_varied_for_each_architecture(arch, tok):
     model = tiny_model(arch, num_layers=2)
-    dims = dims_of(model, spec_for(model))
+    dims = dims_of(model)
     scores = raw(model, TEXTS[:4], tok)
     expected = {
         "heads": (2, dims.num_heads),
@@ -234,10 +234,8 @@ def test_bad_inputs(tok):
         raw(model, TEXTS, tok, parts=["heads", "neurons"])
     with pytest.raises(CoFiTuneError, match="`batch_size` must be a positive int"):
         raw(model, TEXTS, tok, batch_size=0)
-    moe = tiny_model("llama", num_layers=2)
-    moe.config.model_type = "mixtral"
-    with pytest.raises(CoFiTuneError, match="mixture-of-experts"):
-        raw(moe, TEXTS, tok)
+    with pytest.raises(CoFiTuneError, match="does not have"):
+        raw(tiny_model("llama", num_layers=2), TEXTS, tok, parts=["expert_output"])
     # a failure midway leaves no hooks and restores the flags
     with pytest.raises(CoFiTuneError):
         raw(model, [*TEXTS, 42], tok, batch_size=1)
@@ -303,13 +301,13 @@ def test_cli_errors(saved_model, tmp_path, capsys):
     with pytest.raises(CoFiTuneError, match=r"line 2 .* is not JSON"):
         (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
         run_cli(["--model", model, "--data", str(tmp_path / "bad.jsonl"), "--out", out])
-    unknown = tmp_path / "bloom"
+    unknown = tmp_path / "mamba"
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("bloom", vocab_size=128, hidden_size=16, n_layer=1, n_head=2)
+    config = AutoConfig.for_model("mamba", vocab_size=128, hidden_size=16, num_hidden_layers=1, state_size=4)
     AutoModelForCausalLM.from_config(config).save_pretrained(unknown)
     char_tokenizer().save_pretrained(unknown)
-    with pytest.raises(CoFiTuneError, match="'bloom' has no built-in CoFiTune layout"):
+    with pytest.raises(CoFiTuneError, match=r"'mamba' .* no attention or feed-forward layer"):
         run_cli(["--model", str(unknown), "--data", str(data), "--out", out])
     assert main(["importance", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", out]) == 2
     assert "error: `--model`: no folder" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -48,7 +49,7 @@ def test_full_rank_lora_reproduces_the_adapter(arch, tmp_path):
     x = batch()
     config = export_lora(pm, tmp_path / "lora", rank=1000)
     assert config.peft_type == "LORA" and config.r == 32 and config.lora_alpha == config.r
-    assert sorted(os.listdir(tmp_path / "lora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "lora")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     lora = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "lora").eval()
     torch.testing.assert_close(logits(lora, x), logits(pm, x), rtol=1e-4, atol=1e-4)
     assert len(lora.base_model.targeted_module_names) == len(pm.base_model.cofitune_layers())
@@ -134,7 +135,7 @@ def test_export_lora_loads_without_cofitune_peft(saved):
     (tmp_path / "out" / "stale.txt").write_text("from an earlier export")
     argv = ["export", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--to", "lora", "--rank", "64"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tmp_path / "base")
     script = f"""
@@ -178,13 +179,16 @@ def test_export_checks_fidelity_on_texts(saved, caplog):
         (["--to", "lora"], r"`--rank` is required"),
         (["--to", "merged", "--rank", "4"], r"`--rank` applies to `--to lora` only"),
         (["--to", "lora", "--rank", "4", "--check-texts", "missing.txt"], r"`--check-texts`: no file"),
+        (["--to", "merged", "--base-model-id", "org/base"], r"`--base-model-id` applies to `--to lora`"),
+        (["--to", "lora", "--rank", "4", "--base-model-id", "/tmp/base"], r"`--base-model-id` must be the base"),
     ],
 )
 def test_export_bad_arguments(saved, extra, match, capsys):
     tmp_path, _, _ = saved
     argv = ["export", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "o")]
     assert main([*argv, *extra]) == 2
-    assert "cofitune export: error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cofitune export: error:" in err and re.search(match, err), err
     assert not (tmp_path / "o").exists()
 
 
@@ -192,6 +196,25 @@ def test_export_needs_an_adapter_folder(tmp_path, capsys):
     argv = ["export", str(tmp_path / "nope"), "--base", str(tmp_path), "--to", "merged", "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "`ADAPTER_DIR`: no folder" in capsys.readouterr().err
+
+
+def test_export_of_a_hub_repo_it_cannot_fetch_names_the_argument(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert main(["export", "nobody/nothing", "--to", "lora", "--rank", "4", "--out", str(tmp_path / "o")]) == 2
+    assert "`ADAPTER_DIR`: no local folder 'nobody/nothing' and the Hub repository" in capsys.readouterr().err
+
+
+def test_export_records_base_model_id_and_needs_a_base_when_the_adapter_names_none(saved, capsys):
+    tmp_path, _, _ = saved  # built from a config: the adapter names no base model
+    argv = ["export", str(tmp_path / "adapter"), "--to", "lora", "--rank", "4", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "`--base`: the adapter does not name its base model" in capsys.readouterr().err
+    assert main([*argv, "--base", str(tmp_path / "base"), "--base-model-id", "org/base"]) == 0
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/base"
+    assert "base_model: org/base" in (tmp_path / "o" / "README.md").read_text()
 
 
 # ---------------------------------------------------------------------- fidelity

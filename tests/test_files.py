@@ -169,7 +169,7 @@ def test_adapter_config_for_another_window_is_refused(saved):
     """A config whose window lies outside the base model fails before any weight is read."""
     folder, _ = saved
     config = json.loads((folder / CONFIG).read_text())
-    config["layers"] = [6, 10]
+    config["layers"], config["layers_to_transform"] = [6, 10], [6, 7, 8, 9]
     (folder / CONFIG).write_text(json.dumps(config))
     with pytest.raises(CoFiTuneError, match=r"within \[0, 8\)"):
         PeftModel.from_pretrained(tiny_model(), folder)

@@ -85,5 +85,22 @@ def test_smollm2_is_the_embedded_model():
 
     model, tok = load_model("smollm2")
     assert model.config.num_hidden_layers == 30 and tok.pad_token is not None
+    assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the base its adapters name
     reference, _ = load_smollm2()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_base_model_id_names_the_base_that_adapters_record(model_dir, monkeypatch):
+    model, _ = load_model(model_dir, base_model_id="org/tiny-llama")
+    assert model.name_or_path == "org/tiny-llama"  # what PEFT records as `base_model_name_or_path`
+    with pytest.raises(CoFiTuneError, match=r"`base_model_id` must be the base model's Hugging Face Hub id"):
+        load_model(model_dir, base_model_id="not an id")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --base-model-id was checked")
+
+    import cofitune_peft.kit.loading as loading
+
+    monkeypatch.setattr(loading, "_load", never)
+    with pytest.raises(CoFiTuneError, match=r"`--base-model-id` must be the base model's Hugging Face Hub id"):
+        load_model_for_command(str(model_dir), base_model_id=str(model_dir))

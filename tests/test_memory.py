@@ -96,8 +96,83 @@ def test_8b_on_24gb():
     assert q4.fits(24)
 
 
+# ---------------------------------------------------------------------------------------------- low precision, the peer
+
+LOW_MEMORY = {"trainable_dtype": "bfloat16", "optimizer": "cofitune_adamw", "state_dtype": "int8",
+              "second_moment": "factored"}  # fmt: skip
+
+
+def test_recommended_bf16_base_fits_a_24gb_card_near_lora():
+    lora = estimate_training_memory("llama-3-8b", "lora")
+    rec = estimate_training_memory("llama-3-8b", "cofitune", **LOW_MEMORY)
+    assert rec.components["base_weights"] == lora.components["base_weights"]  # the same unquantised bf16 base
+    assert rec.peak_gib <= 22.5 and rec.peak_bytes <= 1.15 * lora.peak_bytes
+    # bf16 deltas with bitsandbytes' 8-bit AdamW alone do not get there: two 8-bit moments are 0.9 GiB too many
+    eight_bit = estimate_training_memory("llama-3-8b", "cofitune", trainable_dtype="bfloat16", optimizer="adamw8bit")
+    assert eight_bit.peak_gib > 22.5
+    assert eight_bit.components["optimizer_states"] - rec.components["optimizer_states"] > 0.8 * GIB
+
+
+def test_optimizer_state_terms():
+    n = 14_155_776  # SmolLM2's default window
+    est = lambda **kw: estimate_training_memory("smollm2-135m", "cofitune", overhead_bytes=0, **kw)  # noqa: E731
+    assert est(optimizer="adamw8bit").components["optimizer_states"] == pytest.approx(n * 2 * (1 + 4 / 256))
+    full = est(optimizer="cofitune_adamw", state_dtype="bfloat16").components["optimizer_states"]
+    assert full == 2 * 2 * n
+    factored = est(optimizer="cofitune_adamw", second_moment="factored", momentum=False)
+    assert factored.components["optimizer_states"] == 16 * 4 * (1536 + 576)  # a few kilobytes per matrix
+    # the fused step: one gradient at a time, so the step phase has no full set of gradients
+    fused = est(optimizer="cofitune_adamw", fused_step=True)
+    assert fused.components["gradients"] == 4 * 576 * 1536 < 0.1 * est().components["gradients"]
+
+
+def test_fused_step_fits_70b_on_80gb_with_a_4bit_base():
+    kwargs = {**LOW_MEMORY, "base_quant": "4bit"}
+    unfused = estimate_training_memory("llama-3-70b", "cofitune", **kwargs)
+    fused = estimate_training_memory("llama-3-70b", "cofitune", fused_step=True, **kwargs)
+    assert not unfused.fits(80) and fused.fits(80)
+    assert unfused.phases["optimizer_step"] > unfused.phases["backward_start"]  # the step phase is the peak there
+
+
+def test_freeze_peer_trains_the_same_window_in_place():
+    cof = estimate_training_memory("llama-3-8b", "cofitune")
+    peer = estimate_training_memory("llama-3-8b", "freeze")
+    assert peer.trainable_params == cof.trainable_params == 939_524_096
+    assert (
+        peer.components["trainable_weights"] == 0 and peer.components["base_weights"] == cof.components["base_weights"]
+    )
+    assert peer.components["gradients"] == 2 * peer.trainable_params  # bf16, in place
+    assert peer.components["optimizer_states"] == 4 * peer.trainable_params  # torch's AdamW: moments in bf16
+    # under checkpointing transformers makes the embeddings' output require grad: every layer in the backward pass
+    assert peer.layers_in_backward == 32 and cof.layers_in_backward == 24
+    alone = estimate_training_memory("llama-3-8b", "freeze", input_require_grads=False)
+    assert alone.layers_in_backward == 24
+    assert estimate_training_memory("llama-3-8b", "freeze", checkpointing=False).layers_in_backward == 24
+
+
+def test_trl_loss_is_the_chunked_kernel():
+    plain = estimate_training_memory("smollm2-135m", "cofitune", batch=4, seq_len=256, device="cpu", overhead_bytes=0)
+    trl = estimate_training_memory("smollm2-135m", "cofitune", batch=4, seq_len=256, device="cpu", loss="trl",
+                                   overhead_bytes=0)  # fmt: skip
+    assert plain.components["logits"] == 12 * 1024 * 49152
+    # on CPU TRL's tiles (1024 tokens x 32768 entries) and their temporaries cost more than the full logits' loss
+    assert trl.components["logits"] > plain.components["logits"]
+
+
+def test_live_bf16_peaks_within_5_percent():
+    """The committed bf16 runs (plain loop and SFTTrainer, MALLOC_MMAP_THRESHOLD_) against the model's prediction."""
+    rows = _table_module().live_validation(RESULTS)
+    assert {r["file"] for r in rows} == {"step_bf16.json", "trainer_bf16.json"}
+    assert {r["configuration"] for r in rows} == set(_table_module().LIVE)
+    for row in rows:
+        assert abs(row["error"]) <= 0.05, row
+
+
 @pytest.mark.parametrize("bad", [{"method": "dora"}, {"optimizer": "sgd"}, {"dtype": "int8"},
-                                 {"method": "full", "base_quant": "4bit"}, {"base_quant": "2bit"}])  # fmt: skip
+                                 {"method": "full", "base_quant": "4bit"}, {"base_quant": "2bit"},
+                                 {"method": "freeze", "base_quant": "4bit"}, {"state_dtype": "int4"},
+                                 {"second_moment": "factored"}, {"fused_step": True}, {"device": "tpu"},
+                                 {"loss": "chunked"}, {"optimizer": "adamw8bit", "state_dtype": "bfloat16"}])  # fmt: skip
 def test_bad_input(bad):
     kwargs = {"method": "cofitune", **bad}
     with pytest.raises(CoFiTuneError):
@@ -125,12 +200,15 @@ def test_config_folder(tmp_path):
 def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks/gpu/memory_check.py"), "--device", "cpu", "--tiny",
-           "--methods", "cofitune", "qlora", "--batch", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1",
-           "--out", str(out)]  # fmt: skip
+           "--methods", "cofitune", "qlora", "freeze", "cofitune_lowmem_fused", "--batch", "2", "--seq-len", "16",
+           "--steps", "1", "--warmup", "1", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert rows[0]["method"] == "cofitune" and rows[0]["trainable_params"] == rows[0]["predicted_trainable"]
-    assert rows[1]["skipped"]
-    assert "| tiny | cofitune |" in proc.stdout
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["qlora"]["skipped"]
+    for method in ("cofitune", "freeze"):
+        assert rows[method]["trainable_params"] == rows[method]["predicted_trainable"] > 0
+    if not rows["cofitune_lowmem_fused"].get("skipped"):  # needs bitsandbytes for the int8 state
+        assert rows["cofitune_lowmem_fused"]["trainable_params"] == rows["cofitune"]["trainable_params"]
+    assert "| tiny | cofitune |" in proc.stdout and "| tiny | freeze |" in proc.stdout

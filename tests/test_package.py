@@ -149,6 +149,29 @@ def test_an_adapter_saved_by_version_0_1_0_loads_with_the_same_logits():
     assert model.base_model.mask_statistics()["mask_mean_scale"] < 1.0  # the mask came back from the file
 
 
+FIXTURE_0_2_0 = ROOT / "tests" / "fixtures" / "adapter_v0_2_0"
+
+
+@pytest.mark.parametrize(("name", "parts", "layers"), [("llama", "ffn+mha", [1, 2]), ("gpt2", "all", [0, 2])])
+def test_adapters_saved_by_version_0_2_0_load_with_the_same_logits(name, parts, layers):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import cofitune_peft  # noqa: F401  (registers COFITUNE)
+
+    saved = json.loads((FIXTURE_0_2_0 / f"{name}_adapter" / "adapter_config.json").read_text())
+    assert "parts" not in saved and saved["target_modules"] == parts  # the meaning of 0.2.0
+    base = AutoModelForCausalLM.from_pretrained(FIXTURE_0_2_0 / f"{name}_base", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, FIXTURE_0_2_0 / f"{name}_adapter")
+    expected = torch.load(FIXTURE_0_2_0 / "expected.pt")
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected[name], rtol=0, atol=1e-6)
+    config = model.peft_config["default"]
+    assert config.parts == parts and config.layer_indices() == layers
+    assert model.base_model.mask_statistics()["mask_mean_scale"] < 1.0  # the mask came back from the file
+
+
 def test_config_holds_only_serialisable_hyperparameters():
     from cofitune_peft import CoFiTuneConfig, Importance
 

@@ -11,7 +11,7 @@ from tiny_models import batch, tiny_model
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError, Importance
 from cofitune_peft.architectures import dims_of
-from cofitune_peft.model import _lowest_trainable_layer
+from cofitune_peft.checkpointing import lowest_trainable_layer
 
 
 def trained_layers(pm) -> set[int]:
@@ -62,7 +62,7 @@ def test_layers_to_transform_trains_exactly_those_layers(arch):
     pm = get_peft_model(tiny_model(arch), CoFiTuneConfig(layers_to_transform=[1, 4, 6], target_modules="ffn+mha"))
     assert trained_layers(pm) == {1, 4, 6}
     assert pm.peft_config["default"].layers is None  # not a window
-    assert _lowest_trainable_layer(pm.base_model)[0] == 1
+    assert lowest_trainable_layer(pm.base_model)[0] == 1
 
 
 def test_contiguous_layers_to_transform_fills_the_window():

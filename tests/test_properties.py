@@ -47,11 +47,18 @@ bad_layers = st.one_of(
     st.one_of(st.integers(), st.text(max_size=5), st.floats(allow_nan=False)),
 )
 bad_softmask_mode = st.one_of(st.text(max_size=12).filter(lambda s: s not in SOFTMASK_MODES), not_str)
+# PEFT's meaning: any valid regex is a selection, so the bad strings are the empty one and broken regexes.
 bad_target_modules = st.one_of(
-    st.text(max_size=12).filter(lambda s: s not in SHORTHANDS and s not in ROLES),
+    st.sampled_from(["", "(", "[a", "*x", "a)", "(?P<", "\\"]),
     st.just([]),
     st.lists(st.one_of(st.just(""), st.integers(), st.none()), min_size=1, max_size=3),
     st.lists(names, max_size=2).flatmap(lambda v: st.just([*v, ""])),
+    st.one_of(st.integers(), st.floats(allow_nan=False), st.dictionaries(names, names, max_size=2)),
+)
+bad_parts = st.one_of(
+    st.text(max_size=12).filter(lambda s: s not in SHORTHANDS and s not in ROLES),
+    st.just([]),
+    st.lists(st.one_of(st.just(""), st.integers(), st.none()), min_size=1, max_size=3),
     st.one_of(st.integers(), st.floats(allow_nan=False), st.dictionaries(names, names, max_size=2)),
 )
 bad_save_dtype = st.one_of(
@@ -69,7 +76,9 @@ INVALID = {
     "layers": bad_layers,
     "softmask_mode": bad_softmask_mode,
     "target_modules": bad_target_modules,
+    "parts": bad_parts,
     "save_dtype": bad_save_dtype,
+    "delta_dtype": bad_save_dtype,
     "unit_map": bad_unit_map,
     "fix_input_grads": bad_flag,
     "init_weights": bad_flag,
@@ -123,6 +132,7 @@ valid = st.fixed_dictionaries(
         ),
         "layers_pattern": st.one_of(st.none(), names),
         "save_dtype": st.one_of(st.none(), st.sampled_from(SAVE_DTYPES)),
+        "delta_dtype": st.one_of(st.none(), st.sampled_from(SAVE_DTYPES)),
         "fix_input_grads": st.booleans(),
         "init_weights": st.booleans(),
         "modules_to_save": st.one_of(st.none(), st.lists(names, min_size=1, max_size=2)),

@@ -13,7 +13,7 @@ from tiny_models import batch, tiny_model
 from torch import nn
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError, CoFiTuneLayer, Importance
-from cofitune_peft.architectures import dims_of, spec_for
+from cofitune_peft.architectures import dims_of
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -94,7 +94,7 @@ def quantized_bytes(model) -> dict[str, torch.Tensor]:
 def test_width_is_read_from_the_real_shape():
     model = quantized_model("nf4")
     assert model.model.layers[0].mlp.down_proj.weight.shape == (INTER * D // 2, 1)  # packed bytes
-    assert dims_of(model, spec_for(model)).intermediate == INTER
+    assert dims_of(model).intermediate == INTER
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -72,7 +72,7 @@ def designed(window, modules):
 def designed_scores(model):
     if isinstance(model, PeftModel):
         cfg = model.peft_config["default"]
-        return designed(cfg.layers, cfg.target_modules)
+        return designed(cfg.layers, cfg.parts)
     trained = not torch.equal(model.lm_head.weight, tiny_model("llama", num_layers=N, seed=0).lm_head.weight)
     return (1.0, 0.5) if trained else (0.0, 1.0)
 
@@ -148,7 +148,7 @@ def test_the_tree_visits_what_it_should(tmp_path):
         [(w, "ffn") for w in level1] + level2 + level3, key=lambda c: (expected_uni(*c), -(c[0][1] - c[0][0]))
     )
     assert (tuple(result.best["window"]), result.best["modules"]) == overall
-    assert result.best_config.layers == overall[0] and result.best_config.target_modules == overall[1]
+    assert result.best_config.layers == overall[0] and result.best_config.parts == overall[1]
     row = result.table.loc[candidate_key(*overall)]
     assert row["Uni."] == pytest.approx(expected_uni(*overall))
 
@@ -259,7 +259,7 @@ def test_search_with_the_project_evaluators(tmp_path):
     versatility = VersatilityEval.default(GENERAL, tokenizer=tok, kl_top_k=8, progress=False)
     result = run_search(tmp_path, speciality=speciality, versatility=versatility, windows=[(0, 4)], levels=("window",))
     assert result.table.loc["base", "Vers."] == 1.0
-    assert os.path.isfile(tmp_path / "run" / "versatility_reference.pt")
+    assert os.path.isfile(tmp_path / "run" / "versatility_reference.safetensors")
     details = result.records[-1]["versatility_details"]
     assert set(details["components"]) == {"ce", "kl"}
     # resuming restores the reference from disk instead of re-running the base model

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from tiny_models import batch, tiny_model
 
 from cofitune_peft import CoFiTuneConfig, Importance
-from cofitune_peft.architectures import ARCHITECTURES, dims_of
+from cofitune_peft.architectures import base_of, model_layout, weight_axis
 from cofitune_peft.importance import kv_head_importance, module_scale, normalize
 
 L, H, KV, HD, D, INTER = 8, 4, 2, 8, 32, 48
@@ -254,26 +254,38 @@ def test_gpt_neox_interleaved_qkv():
     assert torch.allclose(qkv.cofitune_scale["default"], (1 - imp.heads[3]).repeat_interleave(3 * HD))
 
 
-def test_gpt_neox_cannot_split_fused_qkv():
+def test_gpt_neox_queries_train_alone_in_its_per_head_fused_projection():
+    # query_key_value rows are [q, k, v] per head: each row has one role, so queries can train without keys/values
+    pm = get_peft_model(tiny_model("gpt_neox"), CoFiTuneConfig(layers=(2, 3), parts=["q"]))
+    layer = pm.base_model.model.gpt_neox.layers[2].attention.query_key_value
+    rows = layer.cofitune_rows["default"].view(4, 3, 8)  # [heads, (q, k, v), head_dim]
+    assert torch.equal(rows[:, 0], torch.ones(4, 8)) and not rows[:, 1:].any()
+
+
+def test_rows_that_serve_two_roles_are_refused_unless_both_are_selected():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     from cofitune_peft import CoFiTuneError
 
-    with pytest.raises(CoFiTuneError, match="cannot be trained separately"):
-        get_peft_model(tiny_model("gpt_neox"), CoFiTuneConfig(target_modules=["q"]))
+    config = DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=8, head_dim=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1,
+    )  # fmt: skip
+    with pytest.raises(CoFiTuneError, match="serve"):  # the latent key/value rows feed both keys and values
+        get_peft_model(DeepseekV3ForCausalLM(config), CoFiTuneConfig(layers=(0, 2), parts=["k"]))
+    pm = get_peft_model(DeepseekV3ForCausalLM(config), CoFiTuneConfig(layers=(0, 2), parts="mha"))
+    assert pm.base_model.model.model.layers[1].self_attn.kv_a_proj_with_mqa.cofitune_rows["default"].all()
 
 
 @pytest.mark.parametrize("arch", sorted({"llama", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt"}))
 def test_every_layout_adds_up(arch):
     model = tiny_model(arch)
-    spec = ARCHITECTURES[model.config.model_type]
-    dims = dims_of(model, spec)
-    for layout in spec.modules:
-        module = model.get_submodule(
-            f"{'transformer.h' if arch == 'gpt2' else 'gpt_neox.layers' if arch == 'gpt_neox' else 'model.decoder.layers' if arch == 'opt' else 'model.layers'}.0.{layout.name}"
-        )
-        from cofitune_peft.architectures import weight_axis
-
-        size = module.weight.shape[weight_axis(module, layout.axis)]
-        scale, uncovered = module_scale(
-            full_importance() if dims.intermediate == INTER else None, 0, layout, dims, size
-        )
-        assert scale.shape == (size,) and not uncovered
+    layout = model_layout(model)
+    importance = full_importance() if layout.layers[0].sizes["intermediate"] == INTER else None
+    for module_layout in layout.layers[0].modules:
+        module = base_of(model.get_submodule(layout.key(0, module_layout.name)))
+        size = module.weight.shape[weight_axis(module, module_layout.axis)]
+        scale, uncovered = module_scale(importance, 0, module_layout)
+        assert module_layout.size == size and scale.shape == (size,) and not uncovered

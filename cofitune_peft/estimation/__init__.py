@@ -8,11 +8,14 @@ gradients. The pieces:
 - `gates`: the virtual gates and the injected dropout, as hooks on stock transformers modules, and the KL proxy;
 - `batches`: the examples (texts, chat messages, or a DataLoader of token ids) as batches, split over ranks;
 - `estimate`: `estimate_importance`, which accumulates the gates' gradients into an `Importance`;
+- `recipes`: the default estimator's choices and the authors' code's (`recipe="authors"`), option by option;
+- `attention`: dropout on the attention probabilities (the authors' placement) and the attention kernel it needs.
 """
 
 from __future__ import annotations
 
 from .estimate import ACCUMULATE, SIGNALS, estimate_importance
 from .estimate import _estimate_raw as _estimate_raw
+from .recipes import RECIPES
 
-__all__ = ["ACCUMULATE", "SIGNALS", "estimate_importance"]
+__all__ = ["ACCUMULATE", "RECIPES", "SIGNALS", "estimate_importance"]

@@ -1,8 +1,9 @@
 """The data `estimate_importance` takes, checked up front and turned into `(input_ids, attention_mask)` batches.
 
 Texts (strings, dicts with a text field, or chat `messages` rendered with the tokenizer's chat template) are tokenized,
-truncated and right-padded here; a DataLoader's batches of token ids are used as given. Under `torch.distributed`
-each rank takes its share: every `world_size`-th text, or every `world_size`-th batch of a DataLoader.
+truncated and padded here (right-padded to the batch's longest text, or as `padding` and `padding_side` say); a
+DataLoader's batches of token ids are used as given. Under `torch.distributed` each rank takes its share: every
+`world_size`-th text, or every `world_size`-th batch of a DataLoader.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ def _row_text(row: Any, text_field: str | None, tokenizer) -> tuple[str, bool]:
     )
 
 
-def _text_batches(data, tokenizer, text_field, num_samples, batch_size, max_length, rank, world):
-    """Batches `(input_ids, attention_mask)` (right-padded) of this rank's share of the first `num_samples` texts."""
+def _text_batches(
+    data, tokenizer, text_field, num_samples, batch_size, max_length, rank, world, padding="longest", side="right"
+):
+    """Batches `(input_ids, attention_mask)` of this rank's share of the first `num_samples` texts, padded on `side`
+    to the batch's longest text (`padding="longest"`) or to `max_length` tokens (`"max_length"`, the authors')."""
     texts = (_row_text(row, text_field, tokenizer) for row in data)
     texts = itertools.islice(((t, chat) for t, chat in texts if t.strip()), num_samples)
     texts = itertools.islice(texts, rank, None, world)
@@ -61,9 +65,14 @@ def _text_batches(data, tokenizer, text_field, num_samples, batch_size, max_leng
         ids = [i for i in ids if i]
         if not ids:
             continue
-        width = max(map(len, ids))
-        input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])  # [batch, seq]
-        attention_mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])  # [batch, seq]
+        width = max_length if padding == "max_length" else max(map(len, ids))
+        rows = []
+        for i in ids:
+            pads = [pad] * (width - len(i))
+            real, none = [1] * len(i), [0] * len(pads)
+            rows.append((pads + i, none + real) if side == "left" else (i + pads, real + none))
+        input_ids = torch.tensor([r for r, _ in rows])  # [batch, seq]
+        attention_mask = torch.tensor([m for _, m in rows])  # [batch, seq]
         yield input_ids, attention_mask, len(chunk)
 
 

@@ -29,6 +29,8 @@ import torch
 
 from cofitune_peft import CoFiTuneError
 
+from .loading import BASE_MODEL_ID_HELP
+
 logger = logging.getLogger(__name__)
 
 #: The mask variant the demo (and `CoFiTuneConfig`'s documentation) recommends, chosen on the validation splits of the
@@ -123,14 +125,22 @@ def verdict(result, baselines=("lora", "full"), cofitune=("cofitune", DEMO_MASK)
     return lines
 
 
-def run_demo(settings: DemoSettings, output_dir: str, model: str = "smollm2", progress: bool = True) -> dict:
-    """Run the experiment and return its summary (also written to `output_dir/demo.json`)."""
+def run_demo(
+    settings: DemoSettings,
+    output_dir: str,
+    model: str = "smollm2",
+    progress: bool = True,
+    base_model_id: str | None = None,
+) -> dict:
+    """Run the experiment and return its summary (also written to `output_dir/demo.json`). `base_model_id` is the Hub
+    id the saved adapters record as their base model (default: `HuggingFaceTB/SmolLM2-135M-Instruct` for the embedded
+    model, `model` itself when it is a Hub id)."""
     from .compare import MethodSettings, compare_methods
     from .compare.tasks import model_loader, task_splits
 
     started = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
-    loader, tokenizer = model_loader(model)
+    loader, tokenizer = model_loader(model, base_model_id=base_model_id)
     train, splits, general = task_splits(
         settings.task,
         tokenizer,
@@ -187,6 +197,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the smoke preset (under 5 minutes on 2 CPU cores)")
     parser.add_argument("--output-dir", default="outputs/demo", help="where results and the adapter go (resumable)")
     parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local model folder")
+    parser.add_argument("--base-model-id", help=BASE_MODEL_ID_HELP)
     parser.add_argument("--steps", type=int, help="override the preset's optimizer steps")
     parser.add_argument(
         "--lr", action="append", metavar="METHOD=V1,V2,V3", help=f"a method's grid (methods: {', '.join(METHODS[1:])})"
@@ -213,7 +224,13 @@ def demo_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        summary = run_demo(settings, args.output_dir, model=args.model, progress=not args.no_progress)
+        summary = run_demo(
+            settings,
+            args.output_dir,
+            model=args.model,
+            progress=not args.no_progress,
+            base_model_id=args.base_model_id,
+        )
     except CoFiTuneError as err:
         if "Spec. is undefined" not in str(err):
             raise

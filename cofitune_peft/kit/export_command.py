@@ -1,19 +1,22 @@
 """`cofitune export`: serve a CoFiTune adapter anywhere, as a stock LoRA adapter or as a merged model.
 
 - `--to lora --rank R`: each trained module's masked delta becomes a rank-R LoRA pair (a truncated SVD, exact when R
-  reaches the smaller side of the weight). The folder holds `adapter_config.json` (peft_type LORA) and
-  `adapter_model.safetensors`, and loads with plain PEFT (`PeftModel.from_pretrained`), vLLM or TGI, without
-  `cofitune_peft`.
+  reaches the smaller side of the weight). The folder holds `adapter_config.json` (peft_type LORA),
+  `adapter_model.safetensors` and a model card (`README.md`), and loads with plain PEFT (`PeftModel.from_pretrained`),
+  vLLM or TGI, without `cofitune_peft`.
 - `--to merged`: the base model with the adapter merged in (`merge_and_unload`), saved with `save_pretrained`, plus
   the tokenizer when one is found beside the adapter or the base model.
 
-`fidelity` measures what a conversion costs: KL(unconverted || converted) per token and top-1 agreement on given
-texts. Both outputs are written atomically: a reader sees the old folder or the complete new one.
+The adapter is a local folder or a Hub repository id; the base model defaults to the one the adapter names
+(`base_model_name_or_path`), a local folder or a Hub id. `fidelity` measures what a conversion costs: KL(unconverted ||
+converted) per token and top-1 agreement on given texts. Both outputs are written atomically: a reader sees the old
+folder or the complete new one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 
@@ -21,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from cofitune_peft import CoFiTuneError
+from cofitune_peft.hub import check_hub_id, hub_id_of, is_hub_id
 from cofitune_peft.model import convert_to_lora
 from cofitune_peft.utils import atomic_path, device_of
 
@@ -33,8 +37,17 @@ _WEIGHTS = "adapter_model.safetensors"
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cofitune export`."""
-    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="folder of a saved CoFiTune adapter")
-    parser.add_argument("--base", required=True, help="local folder of the base model the adapter was trained on")
+    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="a saved CoFiTune adapter: a folder or a Hub repo id")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="the base model the adapter was trained on, a folder or a Hub id (default: the one the adapter names)",
+    )
+    parser.add_argument(
+        "--base-model-id",
+        default=None,
+        help="with --to lora: the Hub id ('owner/name') the export records as its base model (default: the adapter's)",
+    )
     parser.add_argument("--to", choices=TARGETS, required=True, help="a stock LoRA adapter, or a merged full model")
     parser.add_argument(
         "--rank",
@@ -67,25 +80,26 @@ def export_command(args: argparse.Namespace) -> int:
         raise CoFiTuneError("`--rank` is required with `--to lora`, e.g. `--rank 64`; a larger rank is more exact.")
     if args.to == "merged" and args.rank is not None:
         raise CoFiTuneError("`--rank` applies to `--to lora` only; drop it for `--to merged`.")
-    for flag, path in (("ADAPTER_DIR", args.adapter), ("--base", args.base)):
-        if not os.path.isdir(path):
-            raise CoFiTuneError(f"`{flag}`: no folder at {path!r}; pass a local folder.")
-    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-        raise CoFiTuneError(f"`ADAPTER_DIR`: {args.adapter!r} has no adapter_config.json; is it a saved adapter?")
+    if args.base_model_id is not None:
+        if args.to != "lora":
+            raise CoFiTuneError("`--base-model-id` applies to `--to lora` (the adapter it writes); drop it.")
+        check_hub_id(args.base_model_id, "--base-model-id")
+    adapter = resolve_adapter(args.adapter)
+    base = _resolve_base(args.base, adapter)
     texts = _read_texts(args.check_texts) if args.check_texts else None
-    model, tokenizer = load_adapter(args.adapter, args.base, getattr(torch, args.dtype))
+    model, tokenizer = load_adapter(adapter, base, getattr(torch, args.dtype))
     if args.to == "lora":
-        export_lora(model, args.out, args.rank, base_path=args.base)
+        export_lora(model, args.out, args.rank, base_path=base, base_model_id=args.base_model_id, source=args.adapter)
     else:
         export_merged(model, args.out, tokenizer)
-    sizes = file_sizes(args.adapter, args.out)
-    logger.info("wrote %s (%s); adapter %s", args.out, _human(sizes[args.out]), _human(sizes[args.adapter]))
+    sizes = file_sizes(adapter, args.out)
+    logger.info("wrote %s (%s); adapter %s", args.out, _human(sizes[args.out]), _human(sizes[adapter]))
     if texts is not None:
         if tokenizer is None:
             raise CoFiTuneError("`--check-texts` needs a tokenizer; save one beside the adapter or the base model.")
         if args.to == "merged":  # merging consumed `model`; compare against a fresh copy of the adapter
-            model, _ = load_adapter(args.adapter, args.base, getattr(torch, args.dtype))
-        converted = _load_export(args.out, args.to, args.base, getattr(torch, args.dtype))
+            model, _ = load_adapter(adapter, base, getattr(torch, args.dtype))
+        converted = _load_export(args.out, args.to, base, getattr(torch, args.dtype))
         stats = fidelity(model, converted, tokenizer, texts)
         logger.info(
             "fidelity on %d tokens: KL mean %.3g, KL max %.3g, top-1 agreement %.4f",
@@ -97,8 +111,45 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_adapter(adapter: str) -> str:
+    """The local folder of `adapter`: itself when it is a folder, else the Hub repository `adapter` downloaded (or
+    found in the Hugging Face cache, which is all `HF_HUB_OFFLINE=1` allows)."""
+    if os.path.isdir(adapter):
+        folder = adapter
+    elif os.path.exists(adapter) or not is_hub_id(adapter):
+        raise CoFiTuneError(
+            f"`ADAPTER_DIR`: no folder at {adapter!r}; pass a saved adapter's folder or a Hub repo id."
+        )
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            folder = snapshot_download(adapter)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+            raise CoFiTuneError(
+                f"`ADAPTER_DIR`: no local folder {adapter!r} and the Hub repository of that id could not be fetched "
+                f"({type(err).__name__}: {err}); pass a saved adapter's folder or a reachable repo id."
+            ) from err
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise CoFiTuneError(f"`ADAPTER_DIR`: {adapter!r} has no adapter_config.json; is it a saved adapter?")
+    return folder
+
+
+def _resolve_base(base: str | None, adapter_dir: str) -> str:
+    if base is None:
+        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+        if not base:
+            raise CoFiTuneError("`--base`: the adapter does not name its base model; pass the base model's folder.")
+    if not os.path.isdir(base) and (os.path.exists(base) or not is_hub_id(base)):
+        raise CoFiTuneError(f"`--base`: no folder at {base!r}; pass the base model's local folder or its Hub id.")
+    return base
+
+
 def load_adapter(adapter_dir: str, base_path: str, dtype: torch.dtype = torch.float32):
-    """The base model with the CoFiTune adapter loaded (eval mode), and a tokenizer if one is found (else None)."""
+    """The base model (a folder or a Hub id) with the CoFiTune adapter in `adapter_dir` loaded (eval mode), and a
+    tokenizer if one is found beside either (else None)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -111,7 +162,10 @@ def _find_tokenizer(*folders: str):
     from transformers import AutoTokenizer
 
     for folder in folders:
-        if not any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        local = os.path.isdir(folder)
+        if local and not any(
+            os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json")
+        ):
             continue
         try:
             return AutoTokenizer.from_pretrained(folder)
@@ -120,18 +174,74 @@ def _find_tokenizer(*folders: str):
     return None
 
 
-def export_lora(model, out: str | os.PathLike, rank: int | float, adapter_name: str = "default", base_path=None):
+def export_lora(
+    model,
+    out: str | os.PathLike,
+    rank: int | float,
+    adapter_name: str = "default",
+    base_path=None,
+    base_model_id: str | None = None,
+    source: str | None = None,
+):
     """Write adapter `adapter_name` of `model` as a stock LoRA adapter folder at `out`; returns its `LoraConfig`.
 
-    `base_path` is recorded as `base_model_name_or_path` when the adapter does not name its base model.
+    The folder holds `adapter_config.json`, `adapter_model.safetensors` and a model card (`README.md`). The base
+    model it names (`base_model_name_or_path`) is `base_model_id` if given, else the adapter's (its Hub id when it has
+    one), else `base_path`. `source` (the CoFiTune adapter's folder or repo id) is named in the card.
     """
     lora_config, state_dict = convert_to_lora(model, rank, adapter_name)
-    if not lora_config.base_model_name_or_path and base_path is not None:
+    if base_model_id is not None:
+        lora_config.base_model_name_or_path = check_hub_id(base_model_id, "base_model_id")
+    elif not lora_config.base_model_name_or_path and base_path is not None:
         lora_config.base_model_name_or_path = os.fspath(base_path)
     with atomic_path(out, directory=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, os.path.join(tmp, _WEIGHTS))
         lora_config.save_pretrained(tmp)
+        lora_card(lora_config, rank, source).save(os.path.join(tmp, "README.md"))
     return lora_config
+
+
+def lora_card(lora_config, rank: int | float, source: str | None = None):
+    """The model card of a LoRA export: Hub metadata (`library_name: peft`, `base_model`, tags) and how it was made."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_id = hub_id_of(lora_config.base_model_name_or_path)
+    causal = str(lora_config.task_type) in ("CAUSAL_LM", "TaskType.CAUSAL_LM")
+    tags = ["cofitune", "lora", "peft", *([f"base_model:adapter:{base_id}"] if base_id else [])]
+    data = ModelCardData(
+        library_name="peft",
+        base_model=base_id,
+        pipeline_tag="text-generation" if causal else None,
+        tags=tags,
+    )
+    ranks = sorted(set((lora_config.rank_pattern or {}).values()) or {lora_config.r})
+    # a local path means nothing to someone reading the card on the Hub
+    made_from = (
+        f"the CoFiTune adapter [`{source}`](https://huggingface.co/{source})"
+        if is_hub_id(source)
+        else "a CoFiTune adapter"
+    )
+    auto = "AutoModelForCausalLM" if causal else "AutoModel"
+    text = "\n".join(
+        [
+            "",
+            f"# LoRA export of a CoFiTune adapter{f' for `{base_id}`' if base_id else ''}",
+            "",
+            f"A stock LoRA adapter (`peft_type: LORA`) that plain PEFT, vLLM and TGI load without cofitune-peft, written "
+            f"by `cofitune export --to lora --rank {rank}` from {made_from}: each trained module's change is its best "
+            f"rank-{'/'.join(str(r) for r in ranks)} approximation (a truncated SVD, exact at full rank).",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            f"from transformers import {auto}",
+            "",
+            f'base = {auto}.from_pretrained("{base_id or "path/or/hub-id-of-the-base-model"}")',
+            'model = PeftModel.from_pretrained(base, "path/or/repo-id-of-this-export")',
+            "```",
+            "",
+        ]
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
 
 
 def export_merged(model, out: str | os.PathLike, tokenizer=None) -> None:

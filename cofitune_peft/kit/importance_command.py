@@ -16,8 +16,9 @@ import re
 import torch
 
 from cofitune_peft import CoFiTuneError
-from cofitune_peft.architectures import spec_for
-from cofitune_peft.estimation import ACCUMULATE, estimate_importance
+from cofitune_peft.architectures import model_layout
+from cofitune_peft.errors import import_extra
+from cofitune_peft.estimation import ACCUMULATE, RECIPES, estimate_importance
 from cofitune_peft.importance import PARTS
 
 from .loading import DTYPES, MODEL_HELP, load_model_for_command
@@ -33,12 +34,23 @@ def add_importance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="importance file to write (safetensors)")
     parser.add_argument("--num-samples", type=int, default=512, help="examples to use (default 512)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per example (default 256)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens per example (default 256; 512 with --recipe authors)"
+    )
     parser.add_argument("--text-field", default=None, help="field with the text or messages (default text/messages)")
     parser.add_argument("--dropout", type=float, default=0.003, help="injected dropout (default 0.003)")
-    parser.add_argument("--accumulate", choices=ACCUMULATE, default="abs", help="|grad| (DAS) or signed (authors)")
+    parser.add_argument(
+        "--accumulate", choices=ACCUMULATE, default=None, help="|grad| (DAS; default) or signed (the authors' code)"
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="default",
+        help="'authors': the authors' code's estimator (signed, never-zeroed gate gradients, left-padded to 512 with "
+        "the KL over padding, dropout on the attention probabilities under eager attention)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=None, help="default: every part the model has")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if available)")
     parser.add_argument("--plot", default=None, help="also write a heatmap PNG here")
@@ -56,7 +68,7 @@ def _check_out_path(flag: str, path: str | None) -> None:
 def _read_data(path: str):
     """A list of texts / examples from a .txt, .jsonl or .json file, or a `datasets` folder."""
     if os.path.isdir(path):
-        import datasets
+        datasets = import_extra("datasets", "`--data` with a `datasets.save_to_disk` folder", extra="eval")
 
         try:
             data = datasets.load_from_disk(path)
@@ -106,7 +118,7 @@ def importance_command(args: argparse.Namespace) -> int:
     if len(data) == 0:
         raise CoFiTuneError(f"`--data`: {args.data!r} holds no examples.")
     model, tokenizer = load_model_for_command(args.model, args.gguf_file, args.dtype)
-    spec_for(model)  # a clear error for architectures without a known FFN layout, before any work
+    model_layout(model)  # a clear error for a model CoFiTune cannot read, before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     importance = estimate_importance(
@@ -118,6 +130,7 @@ def importance_command(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         dropout=args.dropout,
         accumulate=args.accumulate,
+        recipe=args.recipe,
         seed=args.seed,
         parts=args.parts,
         text_field=args.text_field,

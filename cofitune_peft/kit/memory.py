@@ -1,4 +1,6 @@
-"""Peak training memory per GPU, estimated from a model's shapes: CoFiTune vs LoRA vs QLoRA vs full fine-tuning.
+"""Peak training memory per GPU, estimated from a model's shapes: CoFiTune vs LoRA vs QLoRA vs full fine-tuning vs
+freeze tuning (the same window's weights trained in place, as LLaMA-Factory's freeze tuning and Axolotl's
+`unfrozen_parameters` do).
 
 CoFiTune (arXiv 2404.10306) trains the FFN up/down projections of a window of decoder layers; layers below the window
 stay out of the backward pass, which is where its activation memory comes from. This module counts every term of a
@@ -25,19 +27,31 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from cofitune_peft import CoFiTuneError
 
+from .memory_optim import DEVICES, LOSSES, OptimizerSpec, gradient_bytes, loss_bytes, state_bytes
+from .memory_optim import temporary_bytes as optimizer_temporary_bytes
+from .memory_shapes import (  # noqa: F401  (re-exported: the memory model's public names)
+    KNOWN_SHAPES,
+    CoFiTunePlan,
+    Shapes,
+    _decoder_layers,
+    cofitune_plan,
+    load_config,
+    meta_model,
+)
+
 GIB = 1024**3
-METHODS = ("cofitune", "lora", "qlora", "full")
+METHODS = ("cofitune", "lora", "qlora", "full", "freeze")
+# methods whose trainable tensors are the plan's window modules (CoFiTune's deltas, or the freeze peer's weights)
+WINDOW_METHODS = ("cofitune", "freeze")
 MASK_MODES = ("update", "gradient", "none")
-OPTIMIZERS = ("adamw", "adamw8bit")
 BASE_QUANTS = ("none", "4bit", "8bit")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -49,46 +63,8 @@ CUDA_OVERHEAD_BYTES = 1 * GIB
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # LLM.int8: one byte a weight plus an fp32 scale per output row (added per module).
 INT8_BYTES_PER_PARAM = 1.0
-# bitsandbytes 8-bit AdamW: two 8-bit states plus one fp32 absmax per 256-value block, per state.
-ADAMW8BIT_BYTES_PER_PARAM = 2 * (1 + 4 / 256)
 _ATTN_IN = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn")
 _MLP_IN = ("gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "dense_h_to_4h", "w1", "w3")
-
-# Hand-written transformers configs (no download); the numbers are those of the published config.json files.
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-KNOWN_SHAPES: dict[str, dict] = {
-    "smollm2-135m": {
-        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 8192,
-        "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
-    },
-    "llama-3.2-1b": {
-        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True,
-        "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0,
-        "original_max_position_embeddings": 8192}, "rms_norm_eps": 1e-5,
-    },
-    "llama-3-8b": {
-        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "max_position_embeddings": 8192,
-        "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-    },
-    "qwen2.5-7b": {
-        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False, "max_position_embeddings": 32768,
-        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-    },
-    "llama-2-13b": {
-        "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
-        "num_key_value_heads": 40, "vocab_size": 32000, "tie_word_embeddings": False, "max_position_embeddings": 4096,
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-    },
-    "llama-3-70b": {
-        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "max_position_embeddings": 8192,
-        "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-    },
-}  # fmt: skip
 
 
 def _dtype_name(dtype) -> str:
@@ -96,116 +72,6 @@ def _dtype_name(dtype) -> str:
     if name not in DTYPE_BYTES:
         raise CoFiTuneError(f"`dtype` must be one of {sorted(DTYPE_BYTES)} (or bf16/fp16/fp32), got {dtype!r}.")
     return name
-
-
-def load_config(config_or_model):
-    """A transformers config from a config, a dict, a `KNOWN_SHAPES` name, a local path/folder or a Hub id."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(config_or_model, PretrainedConfig):
-        return config_or_model
-    if isinstance(config_or_model, dict):
-        values = dict(config_or_model)
-        return AutoConfig.for_model(values.pop("model_type"), **values)
-    if isinstance(config_or_model, str) and config_or_model in KNOWN_SHAPES:
-        return load_config(KNOWN_SHAPES[config_or_model])
-    if isinstance(config_or_model, str):
-        try:
-            return AutoConfig.from_pretrained(config_or_model)
-        except (OSError, ValueError) as err:
-            raise CoFiTuneError(
-                f"cannot read a transformers config from {config_or_model!r} ({err}); pass a local config.json or "
-                f"model folder, a Hub id, or one of {sorted(KNOWN_SHAPES)}."
-            ) from err
-    raise CoFiTuneError(
-        f"`config_or_model` must be a config, dict, path, Hub id or model, got {type(config_or_model)}."
-    )
-
-
-def meta_model(config) -> nn.Module:
-    """The causal LM of `config` with every tensor on the meta device (shapes only, no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = getattr(cfg, "num_hidden_layers", None)
-    for _name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and len(module) > 0:
-            return module
-    raise CoFiTuneError("no ModuleList of `num_hidden_layers` decoder layers found; is this a decoder-only LM?")
-
-
-def _unique_numel(params) -> int:
-    seen, total = set(), 0
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-@dataclass
-class Shapes:
-    """What the memory model reads off a meta model: sizes and, per decoder layer, its linear modules."""
-
-    num_layers: int
-    hidden: int
-    intermediate: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab: int
-    total_params: int
-    layer_linear_params: int  # weights of the nn.Linear modules inside the decoder layers (what bnb quantises)
-    linears: list[list[tuple[str, int, int]]]  # per layer: (name, in_features, out_features)
-    cofitune: dict = field(default_factory=dict)  # (layers, target_modules) -> (trainable, window, {layer: [names]})
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> Shapes:
-        from cofitune_peft.architectures import dims_of
-
-        dims = dims_of(model)
-        layers = _decoder_layers(model)
-        linears = [
-            [(n, m.in_features, m.out_features) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-            for layer in layers
-        ]
-        return cls(
-            num_layers=len(layers),
-            hidden=dims.hidden,
-            intermediate=max(o for lin in linears for _, _, o in lin if o != dims.hidden) if linears else 0,
-            num_heads=dims.num_heads,
-            num_kv_heads=dims.num_kv_heads,
-            head_dim=dims.head_dim,
-            vocab=model.get_output_embeddings().weight.shape[0],
-            total_params=_unique_numel(model.parameters()),
-            layer_linear_params=sum(i * o for lin in linears for _, i, o in lin),
-            linears=linears,
-        )
-
-
-def cofitune_plan(config, layers: tuple[int, int] | None = None, target_modules="ffn") -> tuple[int, tuple, dict]:
-    """`(trainable params, window, {layer: [wrapped module names]})` of a CoFiTune adapter, from `get_peft_model`
-    on a meta model (the real plan: default window, shorthands, architecture layouts)."""
-    from peft import get_peft_model
-
-    from cofitune_peft import CoFiTuneConfig
-
-    with torch.device("meta"):
-        peft_model = get_peft_model(meta_model(config), CoFiTuneConfig(layers=layers, target_modules=target_modules))
-    layer_list = _decoder_layers(peft_model)
-    wrapped: dict[int, list[str]] = {}
-    for index, layer in enumerate(layer_list):
-        names = [n.rsplit(".cofitune_delta", 1)[0] for n, p in layer.named_parameters() if p.requires_grad]
-        if names:
-            wrapped[index] = sorted(set(names))
-    trainable = _unique_numel(p for p in peft_model.parameters() if p.requires_grad)
-    window = tuple(peft_model.peft_config["default"].layers)
-    return trainable, window, wrapped
 
 
 @dataclass
@@ -240,13 +106,16 @@ class MemoryModel:
     kv = kv_heads * head_dim, nh` from the shapes, `V` the vocabulary."""
 
     def __init__(self, shapes: Shapes, method: str, *, batch, seq_len, dtype, optimizer, base_quant, checkpointing,
-                 mask_mode, lora_rank, trainable_dtype, plan=None):  # fmt: skip
+                 mask_mode, lora_rank, trainable_dtype, plan=None, device="cuda", loss="transformers",
+                 input_require_grads=False):  # fmt: skip
         self.s, self.method, self.plan = shapes, method, plan
         self.tokens = batch * seq_len
         self.a = DTYPE_BYTES[dtype]
-        self.c = DTYPE_BYTES[trainable_dtype] if method != "full" else self.a
-        self.optimizer, self.base_quant, self.checkpointing = optimizer, base_quant, checkpointing
-        self.mask_mode, self.rank = mask_mode, lora_rank
+        self.c = DTYPE_BYTES[trainable_dtype] if method not in ("full", "freeze") else self.a
+        self.spec = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec(optimizer)
+        self.base_quant, self.checkpointing = base_quant, checkpointing
+        self.mask_mode, self.rank, self.device, self.loss = mask_mode, lora_rank, device, loss
+        self.input_require_grads = input_require_grads
 
     # ---- parameters --------------------------------------------------------------------------------------------
     def trainable_params(self) -> int:
@@ -257,6 +126,21 @@ class MemoryModel:
         if self.method in ("lora", "qlora"):
             return sum(self.rank * (i + o) for lin in self.s.linears for _, i, o in lin)
         return self.plan[0]
+
+    def trainable_tensors(self) -> list[tuple[int, int]]:
+        """`(rows, cols)` of each trained tensor (what per-tensor optimizer terms need): the window's modules
+        (CoFiTune, freeze), LoRA's `A [r, in]` and `B [out, r]` per linear, or every weight (full: the decoder
+        linears, the embeddings, an untied LM head, the rest as one vector)."""
+        s = self.s
+        if self.method in WINDOW_METHODS:
+            return list(self.plan.tensors)
+        if self.method in ("lora", "qlora"):
+            return [t for lin in s.linears for _, i, o in lin for t in ((self.rank, i), (o, self.rank))]
+        out = [(o, i) for lin in s.linears for _, i, o in lin]
+        rest = s.total_params - s.layer_linear_params
+        heads = 2 if rest >= 2 * s.vocab * s.hidden else 1
+        out += [(s.vocab, s.hidden)] * heads
+        return [*out, (rest - heads * s.vocab * s.hidden, 1)]
 
     def base_weights(self) -> float:
         """Unquantised: `total_params * a`. 4-bit: decoder-layer linears at `NF4_BYTES_PER_PARAM` (0.516 B, nf4 +
@@ -270,38 +154,41 @@ class MemoryModel:
         return rest + self.s.layer_linear_params * INT8_BYTES_PER_PARAM + 4 * rows
 
     def trainable_weights(self) -> float:
-        """PEFT methods: `trainable * c` (PEFT's `autocast_adapter_dtype` keeps adapters in fp32 by default);
-        full fine-tuning: 0 (they are the base weights)."""
-        return 0 if self.method == "full" else self.trainable_params() * self.c
+        """PEFT methods: `trainable * c` (PEFT's `autocast_adapter_dtype` keeps adapters in fp32 by default;
+        `CoFiTuneConfig.delta_dtype` sets CoFiTune's); full fine-tuning and freeze tuning: 0 (they are base weights)."""
+        return 0 if self.method in ("full", "freeze") else self.trainable_params() * self.c
 
     def gradients(self) -> float:
-        """One gradient per trainable parameter, in its dtype: `trainable * c`."""
-        return self.trainable_params() * self.c
+        """One gradient per trainable parameter, in its dtype, `trainable * c`; with the step fused into the backward
+        pass only the largest tensor's (`memory_optim.gradient_bytes`)."""
+        return gradient_bytes(self.spec, self.trainable_tensors(), self.c)
 
     def optimizer_states(self) -> float:
-        """AdamW: two moments in the parameter dtype, `2 * c * trainable`; 8-bit AdamW (bitsandbytes): 2 bytes plus
-        block constants, `ADAMW8BIT_BYTES_PER_PARAM * trainable`."""
-        per = 2 * self.c if self.optimizer == "adamw" else ADAMW8BIT_BYTES_PER_PARAM
-        return self.trainable_params() * per
+        """The moments (`memory_optim.state_bytes`): AdamW two in the parameter dtype, `2 * c * trainable`; 8-bit
+        (bitsandbytes, or `CoFiTuneAdamW(state_dtype="int8")`) `1 + 4/256` bytes each; a factored second moment a
+        few kilobytes per matrix."""
+        return state_bytes(self.spec, self.trainable_tensors(), self.c)
 
     def optimizer_temporaries(self) -> float:
-        """torch's foreach AdamW holds one trainable-sized temporary (the denominator `sqrt(v) + eps`) during the
-        step: `trainable * c`; bitsandbytes' 8-bit kernel works in place: 0."""
-        return self.trainable_params() * self.c if self.optimizer == "adamw" else 0
+        """The step's temporaries (`memory_optim.temporary_bytes`): torch's foreach AdamW one trainable-sized
+        temporary (`sqrt(v)`), `trainable * c`; fused kernels none; `CoFiTuneAdamW` a few per chunk."""
+        return optimizer_temporary_bytes(self.spec, self.trainable_tensors(), self.c, self.device)
 
     def buffers(self) -> float:
-        """CoFiTune's soft-mask scales and row selections: two fp32 values per row of each wrapped module, and in
-        `update`/`gradient` mode a third (the broadcast factor); 0 for the other methods and for `none`."""
+        """CoFiTune's soft-mask scales and row selections: two fp32 values per row of each wrapped module (per row of
+        each expert for fused expert weights), and in `update`/`gradient` mode a third (the broadcast factor); 0 for
+        the other methods."""
         if self.method != "cofitune":
             return 0
-        rows = sum(o for layer, names in self.plan[2].items() for n, _, o in self.s.linears[layer] if n in names)
-        return rows * 4 * (2 if self.mask_mode == "none" else 3)
+        return self.plan[3] * 4 * (2 if self.mask_mode == "none" else 3)
 
     # ---- activations -------------------------------------------------------------------------------------------
     def layers_in_backward(self) -> int:
         """Full fine-tuning, LoRA, QLoRA: all N layers; CoFiTune: the window's first layer and every layer above it
-        (autograd records nothing below the lowest trained module)."""
-        if self.method != "cofitune":
+        (autograd records nothing below the lowest trained module); freeze tuning the same, unless the embeddings'
+        output requires grad (`input_require_grads`: what transformers' checkpointing sets up, and CoFiTune undoes):
+        then all N."""
+        if self.method not in WINDOW_METHODS or (self.method == "freeze" and self.input_require_grads):
             return self.s.num_layers
         return self.s.num_layers - min(self.plan[2])
 
@@ -336,7 +223,8 @@ class MemoryModel:
         or `c` over a quantised base where the delta runs apart) once per distinct input; W0 and the delta are
         saved by reference. Window layers above the first: `frozen + b * (inputs)`; the window's first layer (its
         input needs no gradient): `b * (inputs) + a * i` (act(gate), for the up projection's gradient) when only the
-        FFN trains; frozen layers above the window: `frozen`. The mask modes differ only in per-row buffers."""
+        FFN trains; frozen layers above the window: `frozen`. The mask modes differ only in per-row buffers. Freeze
+        tuning's `nn.Linear` with a trained weight saves the same input for its weight gradient."""
         names = self.plan[2].get(layer)
         if not names:
             return self._frozen_layer()
@@ -379,10 +267,14 @@ class MemoryModel:
         return self.layers_in_backward() * self.a * self.s.hidden * self.tokens + max(per_layer) + head
 
     def logits(self) -> float:
-        """The loss's peak, `12 * N * V`: transformers upcasts logits to fp32 and its cross-entropy saves the fp32
-        log-probabilities (4 B); in backward their gradient (4 B) and the logits' gradient (4 B) coexist with them.
-        (The forward's `a * N * V` logits plus the fp32 copy are freed by then, and are smaller.)"""
-        return 12 * self.tokens * self.s.vocab
+        """The loss's peak (`memory_optim.loss_bytes`). The model's own loss, `12 * N * V`: transformers upcasts logits
+        to fp32 and its cross-entropy saves the fp32 log-probabilities (4 B); in backward their gradient (4 B) and the
+        logits' gradient (4 B) coexist with them (the forward's `a * N * V` logits plus the fp32 copy are freed by
+        then, and are smaller). TRL's `SFTTrainer` (`loss="trl"`): its chunked kernel's tiles."""
+        return loss_bytes(
+            self.loss, self.device, tokens=self.tokens, vocab=self.s.vocab, hidden=self.s.hidden, a=self.a,
+            lm_head_trains=self.method == "full",
+        )  # fmt: skip
 
     def transient(self) -> float:
         """A quantised base dequantises one weight at a time for its matmul: the largest decoder linear at `a`."""
@@ -421,6 +313,15 @@ def estimate_training_memory(
     trainable_dtype: str = "float32",
     overhead_bytes: float = CUDA_OVERHEAD_BYTES,
     shapes: Shapes | None = None,
+    unit_map: dict | None = None,
+    layers_pattern: str | None = None,
+    state_dtype: str | None = None,
+    second_moment: str = "full",
+    momentum: bool = True,
+    fused_step: bool = False,
+    device: str = "cuda",
+    loss: str = "transformers",
+    input_require_grads: bool | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one training step on one GPU (no sharding), from the model's shapes.
 
@@ -428,15 +329,32 @@ def estimate_training_memory(
         config_or_model: a transformers config, a config dict, a `KNOWN_SHAPES` name, a local config path/folder, a
             Hub id (only its config.json is read), or a model (its config is used; the model is not touched).
         method (`str`): `"cofitune"` (default window and FFN unless `layers`/`target_modules`), `"lora"` (r=`lora_rank`,
-            all-linear), `"qlora"` (LoRA over a 4-bit nf4 base), `"full"` (every parameter, trained in `dtype`).
+            all-linear), `"qlora"` (LoRA over a 4-bit nf4 base), `"full"` (every parameter, trained in `dtype`),
+            `"freeze"` (CoFiTune's window modules trained in place in `dtype`: the freeze-tuning peer).
         batch, seq_len (`int`): tokens per step are `batch * seq_len` (no packing or padding modelled).
         dtype (`str`): the base model's and the activations' dtype: bfloat16/float16/float32 (or bf16/fp16/fp32).
-        optimizer (`str`): `"adamw"` (states in the parameter dtype) or `"adamw8bit"` (bitsandbytes).
+        optimizer (`str`): `"adamw"` (torch's; states in the parameter dtype), `"adamw_fused"` (torch's `fused=True`,
+            the Trainer's default), `"adamw8bit"` (bitsandbytes) or `"cofitune_adamw"` (`CoFiTuneAdamW`).
         base_quant (`str`, *optional*): `None`/`"none"`, `"4bit"` (nf4, double quant) or `"8bit"`; not for `full`.
         checkpointing (`bool`): gradient checkpointing of every decoder layer (non-reentrant).
         mask_mode (`str`): CoFiTune's `softmask_mode`; the modes differ only in small per-row buffers.
-        trainable_dtype (`str`): the adapters' dtype (PEFT keeps them in float32 by default).
+        trainable_dtype (`str`): the adapters' dtype (PEFT keeps them in float32 by default; CoFiTune's deltas follow
+            `CoFiTuneConfig.delta_dtype`); full and freeze tuning train in `dtype`.
         overhead_bytes (`float`): CUDA context and allocator slack added to the peak; 0 for CPU.
+        unit_map, layers_pattern: the layout, as `CoFiTuneConfig` takes them (for models CoFiTune cannot read alone).
+        state_dtype (`str`, *optional*): the optimizer moments' storage (`"float32"`, `"bfloat16"`, `"int8"`); `None`
+            is the optimizer's own.
+        second_moment (`str`): `"full"` or `"factored"` (`cofitune_adamw`).
+        momentum (`bool`): `False`: no first moment (`cofitune_adamw` with `betas[0] == 0`).
+        fused_step (`bool`): the step fused into the backward pass (`cofitune_adamw`): no step phase with every
+            gradient alive.
+        device (`str`): `"cuda"` or `"cpu"` (optimizer kernels and TRL's loss differ).
+        loss (`str`): `"transformers"` (the model's own loss over full logits, a plain loop) or `"trl"` (TRL's
+            `SFTTrainer` and its chunked kernel).
+        input_require_grads (`bool`, *optional*): freeze tuning: whether the embeddings' output requires grad, which
+            puts every layer in the backward pass. `None`: as transformers sets it up, on with `checkpointing`
+            (`activation_checkpointing_enable` calls `enable_input_require_grads`; LLaMA-Factory's freeze tuning does
+            the same), off without. CoFiTune removes it (`fix_input_grads`), so it does not apply there.
     """
     method = method.lower()
     dtype, trainable_dtype = _dtype_name(dtype), _dtype_name(trainable_dtype)
@@ -446,31 +364,38 @@ def estimate_training_memory(
     problems = []
     if method not in METHODS:
         problems.append(f"`method` must be one of {METHODS}, got {method!r}")
-    if optimizer not in OPTIMIZERS:
-        problems.append(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+    spec = OptimizerSpec(optimizer, state_dtype, second_moment, momentum, fused_step)
+    problems += spec.problems()
+    if device not in DEVICES:
+        problems.append(f"`device` must be one of {DEVICES}, got {device!r}")
+    if loss not in LOSSES:
+        problems.append(f"`loss` must be one of {LOSSES}, got {loss!r}")
     if base_quant not in BASE_QUANTS:
         problems.append(f"`base_quant` must be one of {BASE_QUANTS}, got {base_quant!r}")
     if mask_mode not in MASK_MODES:
         problems.append(f"`mask_mode` must be one of {MASK_MODES}, got {mask_mode!r}")
-    if method == "full" and base_quant != "none":
-        problems.append("full fine-tuning cannot train a quantised base; use `base_quant=None`")
+    if method in ("full", "freeze") and base_quant != "none":
+        problems.append(
+            f"{method} tuning trains base weights in place and cannot train a quantised base; use `base_quant=None`"
+        )
     if batch < 1 or seq_len < 1:
         problems.append(f"`batch` and `seq_len` must be >= 1, got {batch} and {seq_len}")
     if problems:
         raise CoFiTuneError("; ".join(problems) + ".")
     config = config_or_model.config if isinstance(config_or_model, nn.Module) else load_config(config_or_model)
     if shapes is None:
-        shapes = Shapes.from_model(meta_model(config))
+        shapes = Shapes.from_model(meta_model(config), unit_map, layers_pattern)
     plan = None
-    if method == "cofitune":
-        key = (tuple(layers) if layers else None, str(target_modules))
+    if method in WINDOW_METHODS:
+        key = (tuple(layers) if layers else None, str(target_modules), repr(unit_map), layers_pattern)
         if key not in shapes.cofitune:
-            shapes.cofitune[key] = cofitune_plan(config, layers, target_modules)
+            shapes.cofitune[key] = cofitune_plan(config, layers, target_modules, unit_map, layers_pattern)
         plan = shapes.cofitune[key]
     model = MemoryModel(
-        shapes, method, batch=batch, seq_len=seq_len, dtype=dtype, optimizer=optimizer, base_quant=base_quant,
+        shapes, method, batch=batch, seq_len=seq_len, dtype=dtype, optimizer=spec, base_quant=base_quant,
         checkpointing=checkpointing, mask_mode=mask_mode, lora_rank=lora_rank, trainable_dtype=trainable_dtype,
-        plan=plan,
+        plan=plan, device=device, loss=loss,
+        input_require_grads=checkpointing if input_require_grads is None else bool(input_require_grads),
     )  # fmt: skip
     comp = model.components()
     static = comp["base_weights"] + comp["trainable_weights"] + comp["optimizer_states"] + comp["buffers"]
@@ -483,7 +408,8 @@ def estimate_training_memory(
         "batch": batch, "seq_len": seq_len, "dtype": dtype, "optimizer": optimizer, "base_quant": base_quant,
         "checkpointing": checkpointing, "mask_mode": mask_mode if method == "cofitune" else None,
         "window": plan[1] if plan else None, "lora_rank": lora_rank if method in ("lora", "qlora") else None,
-        "trainable_dtype": trainable_dtype if method != "full" else dtype, "overhead_bytes": overhead_bytes,
+        "trainable_dtype": trainable_dtype if method not in ("full", "freeze") else dtype,
+        "overhead_bytes": overhead_bytes, "optimizer_detail": spec.describe(model.c), "device": device, "loss": loss,
     }  # fmt: skip
     return MemoryEstimate(
         method=method,

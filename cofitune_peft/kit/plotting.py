@@ -2,7 +2,7 @@
 
 One colour language for every kit plot: CoFiTune (this package's method) in blue, baselines (no training, full
 fine-tuning, LoRA) in neutral greys, so the method stands out the same way in every picture. Needs matplotlib
-(`pip install cofitune-peft[eval]`).
+(`pip install "cofitune-peft[eval]"`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 
-from cofitune_peft import CoFiTuneError
+from cofitune_peft.errors import missing_extra
 from cofitune_peft.utils import atomic_path
 
 #: CoFiTune rows: one blue for the method, whatever its level or mask mode.
@@ -163,8 +163,8 @@ def new_figure(figsize: tuple[float, float], **kwargs):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError as err:
-        raise CoFiTuneError("Plotting needs matplotlib; install it with `pip install cofitune-peft[eval]`.") from err
+    except ModuleNotFoundError as err:
+        raise missing_extra("matplotlib", "Plotting", "eval") from err
     fig = Figure(figsize=figsize, layout=kwargs.pop("layout", "constrained"), **kwargs)
     FigureCanvasAgg(fig)
     return fig

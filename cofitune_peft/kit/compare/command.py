@@ -21,6 +21,7 @@ import os
 from cofitune_peft import CoFiTuneError
 
 from .._cli_common import read_jsonl, read_text_chunks
+from ..loading import BASE_MODEL_ID_HELP
 from .methods import DEFAULT_LEARNING_RATES, METHODS, MethodSettings, resolve_methods
 from .runner import DEFAULT_METHODS, EvalSplit, compare_methods
 from .tasks import TASKS, model_loader, task_replay, task_splits
@@ -110,6 +111,11 @@ def parse_grids(values: list[str] | None) -> dict[str, list[float]]:
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = "; ".join(f"{m}: {','.join(f'{v:g}' for v in lrs)}" for m, lrs in DEFAULT_LEARNING_RATES.items() if lrs)
     parser.add_argument("--model", default="smollm2", help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a path")
+    parser.add_argument("--base-model-id", help=BASE_MODEL_ID_HELP)
+    parser.add_argument(
+        "--save-adapters",
+        help="comma-separated PEFT methods whose trained runs save their adapter (OUTPUT_DIR/adapters)",
+    )
     parser.add_argument(
         "--preset", choices=(*TASKS, "full"), help="the kit's offline data instead of files ('full': both tasks)"
     )
@@ -277,7 +283,12 @@ def compare_command(args: argparse.Namespace) -> int:
             layers = tuple(int(x) for x in args.layers.split(":"))
         except ValueError:
             raise CoFiTuneError(f"`--layers` takes 'a:b' (0-based, b exclusive), got {args.layers!r}.") from None
-    loader, tokenizer = model_loader(args.model)
+    compared = resolve_methods(_names(args.methods))
+    unsaved = [m for m in _names(args.save_adapters or "") if m not in compared or not compared[m].trains]
+    if unsaved:
+        trained = sorted(m for m, method in compared.items() if method.trains)
+        raise CoFiTuneError(f"`--save-adapters`: {unsaved} are not trained in this run; it trains {trained}.")
+    loader, tokenizer = model_loader(args.model, base_model_id=args.base_model_id)
     if args.preset == "full":
         jobs = [(task, os.path.join(args.output_dir, task)) for task in ((args.task,) if args.task else TASKS)]
     else:
@@ -333,6 +344,7 @@ def compare_command(args: argparse.Namespace) -> int:
             seeds=seeds if seed_methods or not auto else [],
             seed_methods=seed_methods,
             report_only=args.report_only,
+            save_adapters=_names(args.save_adapters or ""),
         )
         if task:
             print(f"\n## {task}\n")

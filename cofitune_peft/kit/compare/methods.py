@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,8 +26,10 @@ import torch
 from torch import nn
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
+from cofitune_peft.estimation import RECIPES
 
 from ..fingerprint import fingerprint
+from ..state_file import legacy_pickle_error, load_state, save_state
 from .penalties import PenaltyToBase
 
 logger = logging.getLogger(__name__)
@@ -169,10 +172,10 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def _num_layers(model: nn.Module) -> int:
-    from cofitune_peft.architectures import count_layers, spec_for, text_config
+    from cofitune_peft.architectures import find_decoder_layers, text_config
 
     try:
-        found = count_layers(model, spec_for(model).layers_pattern)
+        found = len(find_decoder_layers(model)[1])
         if found:
             return int(found)
     except CoFiTuneError:
@@ -318,15 +321,11 @@ def build_corda_kpm(model: nn.Module, settings: MethodSettings) -> nn.Module:
     if settings.cache_dir:
         os.makedirs(settings.cache_dir, exist_ok=True)
         key = fingerprint([texts, names, settings.lora_rank, settings.max_length, model.config.to_dict()])
-        cache_file = os.path.join(settings.cache_dir, f"corda_kpm-{key}.pt")
+        cache_file = os.path.join(settings.cache_dir, f"corda_kpm-{key}.safetensors")
     r = settings.lora_rank
+    corda = CordaConfig(corda_method="kpm")
     config = LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        lora_dropout=0.0,
-        target_modules=names,
-        init_lora_weights="corda",
-        corda_config=CordaConfig(corda_method="kpm", cache_file=cache_file),
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=names, init_lora_weights="corda", corda_config=corda
     )
     device = next(model.parameters()).device
 
@@ -337,8 +336,30 @@ def build_corda_kpm(model: nn.Module, settings: MethodSettings) -> nn.Module:
             ids = settings.tokenizer(text, return_tensors="pt", truncation=True, max_length=settings.max_length)
             model(input_ids=ids["input_ids"].to(device))
 
-    preprocess_corda(model, config, run_model=run_model)
+    with _corda_cache(cache_file) as corda.cache_file:
+        preprocess_corda(model, config, run_model=run_model)
+    corda.cache_file = None  # the bridge file is gone; the adapter's config must not point at it
     return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _corda_cache(path: str | None):
+    """A torch file for PEFT's CorDA cache (PEFT reads it with `torch.load`), filled from the safetensors cache at
+    `path` and saved back to it: the cache folder may come from someone else, so PEFT only ever reads a file written
+    here a moment before, and the cache itself cannot run code (`state_file`)."""
+    if path is None:
+        yield None
+        return
+    legacy = path.removesuffix(".safetensors") + ".pt"
+    if os.path.isfile(legacy):
+        raise legacy_pickle_error(legacy, "CorDA cache")
+    with tempfile.TemporaryDirectory() as tmp:
+        bridge = os.path.join(tmp, "corda.pt")
+        if os.path.isfile(path):
+            torch.save(load_state(path), bridge)
+        yield bridge
+        if not os.path.isfile(path) and os.path.isfile(bridge):
+            save_state(torch.load(bridge, weights_only=True), path)
 
 
 def build_osf(model: nn.Module, settings: MethodSettings) -> nn.Module:
@@ -449,6 +470,13 @@ for _m in (
         importance_spec={"signal": "fisher"},
     ),
     _masked_variant("cofitune_hard", _ADAPTER_LRS, "CoFiTune, top 10% of units frozen", top_fraction=0.1),
+    # The authors' literal estimator (issue 20): its |tanh| normalisation gives the update mask the default's budget.
+    _masked_variant(
+        "cofitune_authors",
+        (2e-4, 6e-4, 2e-3),
+        "CoFiTune + update mask, the authors' importance estimator",
+        importance_spec={"recipe": "authors", **RECIPES["authors"]},
+    ),
     Method("l1", build_l1, _FULL_LRS, "full FT + L1 to base"),
     Method("l2", build_l2, _FULL_LRS, "full FT + L2 to base"),
     Method(

@@ -24,6 +24,7 @@ from cofitune_peft import CoFiTuneError
 from cofitune_peft.utils import atomic_path, write_json_atomic
 
 from ..fingerprint import fingerprint
+from ..state_file import legacy_pickle_error, load_state, save_state
 from ..training import train_sft
 from .methods import Method, MethodSettings, resolve_methods
 from .penalties import TrainingWrapper
@@ -220,17 +221,19 @@ class _Comparison:
             evaluator = split.versatility
             if not hasattr(evaluator, "prepare"):
                 continue
-            path = os.path.join(self.output_dir, f"reference-{name}.pt")
+            legacy = os.path.join(self.output_dir, f"reference-{name}.pt")
+            if os.path.isfile(legacy):
+                raise legacy_pickle_error(legacy, f"{name} task's versatility reference")
+            path = os.path.join(self.output_dir, f"reference-{name}.safetensors")
             if os.path.isfile(path):
+                state = load_state(path)  # refuses, by name, any file it did not write
                 try:
-                    evaluator.load_reference_state(torch.load(path, weights_only=False))
+                    evaluator.load_reference_state(state)
                     continue
                 except CoFiTuneError:
                     logger.info("the saved %s reference is stale; recomputing it", name)
             evaluator.prepare(base, self.tokenizer)
-            tmp = f"{path}.tmp{os.getpid()}"
-            torch.save(evaluator.reference_state(), tmp)
-            os.replace(tmp, path)
+            save_state(evaluator.reference_state(), path)
         if any(m.needs_importance for m in self.methods.values()):
             # Methods that estimate an importance of their own use the shared estimate's arguments (batch size, signal,
             # ...) except where their spec differs; arguments set in `settings.importance_kwargs` win.
@@ -298,6 +301,8 @@ class _Comparison:
                 path = os.path.join(self.output_dir, "adapters", _run_key(method.name, lr, seed))
                 with atomic_path(path, directory=True) as tmp:
                     trained.save_pretrained(tmp)
+            elif method.name in self.save_adapters:
+                logger.warning("%s trains the whole model, not an adapter: no adapter saved for it", method.name)
             self._score_and_save(trained, method.name, lr, seed, None, train, splits)
         for child, value in derived:
             self._score_and_save(child.derive(trained, base_state, value), child.name, lr, seed, value, None, splits)

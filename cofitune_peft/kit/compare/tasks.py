@@ -150,12 +150,13 @@ def task_replay(
     return examples
 
 
-def model_loader(name: str) -> tuple[Callable[[], Any], Any]:
+def model_loader(name: str, base_model_id: str | None = None) -> tuple[Callable[[], Any], Any]:
     """`(load, tokenizer)`: `load()` returns a fresh copy of the model `name` (what `cofitune --model` takes: "smollm2",
-    a local folder or a Hub id; `loading.load_model_for_command`), read from disk once (a GGUF takes ~20 s to load)."""
+    a local folder or a Hub id; `loading.load_model_for_command`), read from disk once (a GGUF takes ~20 s to load).
+    `base_model_id` is the Hub id its adapters record (`--base-model-id`)."""
     from ..loading import load_model_for_command
 
-    model, tokenizer = load_model_for_command(name)
+    model, tokenizer = load_model_for_command(name, base_model_id=base_model_id)
     model.eval()
 
     def load():

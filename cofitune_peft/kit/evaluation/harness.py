@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cofitune_peft import CoFiTuneError
+from cofitune_peft.errors import missing_extra
 
 from .model_passes import eval_mode
 from .versatility import BaseModelReference
@@ -50,8 +51,10 @@ def _import_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").partition(".")[0] == "lm_eval":
+            raise missing_extra("lm_eval", "`HarnessVersatility` (lm-evaluation-harness)", "eval") from err
         raise CoFiTuneError(
-            f"`HarnessVersatility` needs lm-evaluation-harness ({err}); install it with `pip install lm-eval`."
+            f"`HarnessVersatility`: lm-evaluation-harness is installed but cannot load ({err})."
         ) from err
     return lm_eval, HFLM, TaskManager
 

@@ -41,7 +41,8 @@ class BaseModelReference:
     _stale_reference: str
 
     def reference_state(self) -> dict[str, Any]:
-        """The base model's reference values, for `torch.save` (the search keeps them next to its results)."""
+        """The base model's reference values, for `kit.state_file.save_state` (the search and the comparison keep them
+        next to their results)."""
         if self.reference is None:
             raise CoFiTuneError("no reference yet: call `prepare(base_model)` first.")
         return dict(self.reference)

@@ -124,5 +124,5 @@ def _print_report(result: SearchResult, plot_path: str) -> None:
     print(result.to_markdown())
     if result.candidates():
         best = result.best
-        print(f"\nbest: CoFiTuneConfig(layers={tuple(best['window'])}, target_modules={best['modules']!r})")
+        print(f"\nbest: CoFiTuneConfig(layers={tuple(best['window'])}, parts={best['modules']!r})")
     print(f"plot: {result.plot(plot_path)}")

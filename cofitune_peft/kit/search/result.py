@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
+from cofitune_peft.errors import import_extra
 from cofitune_peft.utils import write_json_atomic
 
 from ..evaluation import speciality_score, unified_score, versatility_score
@@ -57,7 +58,7 @@ class SearchResult:
     @property
     def table(self):
         """A pandas DataFrame, one row per candidate (base and full first), indexed by candidate key."""
-        import pandas as pd
+        pd = import_extra("pandas", "`SearchResult.table`", extra="eval")
 
         rows = []
         for r in self.records:
@@ -108,7 +109,7 @@ class SearchResult:
     def best_config(self) -> CoFiTuneConfig:
         """The best candidate as a `CoFiTuneConfig` (no importance: add it for the fine level)."""
         best = self.best
-        return CoFiTuneConfig(layers=tuple(best["window"]), target_modules=best["modules"])
+        return CoFiTuneConfig(layers=tuple(best["window"]), parts=best["modules"])
 
     def with_weight(self, weight: float) -> SearchResult:
         """The same records scored with another Spec. weight."""

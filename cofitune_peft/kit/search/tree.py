@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from cofitune_peft import CoFiTuneConfig, CoFiTuneError
-from cofitune_peft.utils import atomic_path, write_json_atomic
+from cofitune_peft.utils import write_json_atomic
 
 from ..evaluation import VersatilityEval
 from ..evaluation.speciality import speciality_for_examples
 from ..fingerprint import fingerprint
+from ..state_file import legacy_pickle_error, load_state, save_state
 from ..training import train_sft
 from .result import SearchResult
 
@@ -73,11 +74,11 @@ def candidate_key(window: tuple[int, int], modules: str) -> str:
     return f"L{window[0]}-{window[1]}_{modules.replace('+', '-')}"
 
 
-def _num_layers(model) -> int:
-    from cofitune_peft.architectures import count_layers, spec_for, text_config
+def _num_layers(model, layers_pattern: str | None = None) -> int:
+    from cofitune_peft.architectures import find_decoder_layers, text_config
 
     try:
-        found = count_layers(model, spec_for(model).layers_pattern)
+        found = len(find_decoder_layers(model, layers_pattern)[1])
         if found:
             return found
     except CoFiTuneError:
@@ -140,8 +141,7 @@ def _load_full_reference(full_reference) -> dict:
 
 def _save_reference(versatility, path: str) -> None:
     if hasattr(versatility, "reference_state"):
-        with atomic_path(path) as tmp:
-            torch.save(versatility.reference_state(), tmp)
+        save_state(versatility.reference_state(), path)
 
 
 def _argument_problems(budget_steps, levels: tuple, width, train_dataset: list, weight) -> list[str]:
@@ -206,8 +206,11 @@ class LayerSearch:
         weight: float = 0.5,
         batch_size: int = 8,
         max_length: int = 256,
+        unit_map: dict[str, str] | None = None,
+        layers_pattern: str | None = None,
     ):
         self.levels, self.train_dataset = tuple(levels), list(train_dataset)
+        self.unit_map, self.layers_pattern = unit_map, layers_pattern
         problems = _argument_problems(budget_steps, self.levels, width, self.train_dataset, weight)
         if problems:
             raise CoFiTuneError("Invalid search_layers arguments:\n  - " + "\n  - ".join(problems))
@@ -233,6 +236,8 @@ class LayerSearch:
             "versatility": getattr(self.versatility, "fingerprint", None),
             "full_reference": self.full_reference,
         }
+        if unit_map is not None or layers_pattern is not None:  # (absent otherwise: earlier caches keep their keys)
+            self.settings.update(unit_map=unit_map, layers_pattern=layers_pattern)
         self.settings_key = fingerprint(self.settings)
         self.records: dict[str, dict] = {}
         self.num_layers: int | None = None
@@ -317,7 +322,7 @@ class LayerSearch:
             self.num_layers = old["num_layers"]  # resuming: no need to load the base model just to count its layers
         else:
             self._base_model = self._load()
-            self.num_layers = _num_layers(self._base_model)
+            self.num_layers = _num_layers(self._base_model, self.layers_pattern)
         n = self.num_layers
         windows = self.requested_windows if self.requested_windows is not None else paper_windows(n)
         bad = [w for w in windows if len(w) != 2 or not 0 <= w[0] < w[1] <= n]
@@ -368,7 +373,10 @@ class LayerSearch:
             from peft import get_peft_model
 
             torch.manual_seed(self.seed)
-            model = get_peft_model(model, CoFiTuneConfig(layers=tuple(window), target_modules=modules))
+            config = CoFiTuneConfig(
+                layers=tuple(window), parts=modules, unit_map=self.unit_map, layers_pattern=self.layers_pattern
+            )
+            model = get_peft_model(model, config)
             train_stats = self._train(model, self.learning_rate)
         s_score, s_details = _evaluate(self.speciality, model, self.tokenizer)
         v_score, v_details = _evaluate(self.versatility, model, self.tokenizer)
@@ -428,15 +436,19 @@ class LayerSearch:
         versatility = self.versatility
         if self._reference_ready or not hasattr(versatility, "prepare"):
             return
-        ref_path = os.path.join(self.output_dir, "versatility_reference.pt")
+        legacy = os.path.join(self.output_dir, "versatility_reference.pt")
+        if os.path.isfile(legacy):
+            raise legacy_pickle_error(legacy, "search's versatility reference")
+        ref_path = os.path.join(self.output_dir, "versatility_reference.safetensors")
         if getattr(versatility, "reference", None) is not None and not os.path.isfile(ref_path):
             # prepared by the caller (`base_model=`): keep it, and save it for a resumed run
             _save_reference(versatility, ref_path)
             self._reference_ready = True
             return
         if os.path.isfile(ref_path) and hasattr(versatility, "load_reference_state"):
+            state = load_state(ref_path)  # refuses, by name, any file it did not write
             try:
-                versatility.load_reference_state(torch.load(ref_path, weights_only=False))
+                versatility.load_reference_state(state)
                 self._reference_ready = True
                 return
             except CoFiTuneError:
@@ -475,6 +487,9 @@ def search_layers(model_loader, train_dataset, speciality, versatility, **option
         weight (`float`, *optional*, defaults to 0.5): Spec.'s weight in Uni.
         batch_size (`int`, *optional*, defaults to 8): training batch per step.
         max_length (`int`, *optional*, defaults to 256): training tokens per example.
+        unit_map (`dict[str, str]`, *optional*): the layers described as `CoFiTuneConfig.unit_map` does, for models
+            whose layers CoFiTune cannot read by itself.
+        layers_pattern (`str`, *optional*): the decoder-layer list, as `CoFiTuneConfig.layers_pattern`.
 
     Returns:
         `SearchResult`: also written to `output_dir/search.json`. Re-running with the same arguments skips every

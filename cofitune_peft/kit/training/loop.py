@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cofitune_peft import CoFiTuneError
+from cofitune_peft.model_card import record_training_info
 from cofitune_peft.utils import device_of
 
 from .encoding import IGNORE_INDEX, collate, encode_example, pad_id_of
@@ -75,6 +76,30 @@ def _encode_all(
     return encoded
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def _make_optimizer(optimizer, groups: list[dict], learning_rate: float, betas: tuple[float, float]):
+    """`torch.optim.AdamW`, bitsandbytes' `AdamW8bit`, or `optimizer(groups, lr=..., betas=...)` for a callable."""
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    if optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except Exception as err:
+            raise CoFiTuneError(
+                f"`optimizer='adamw8bit'` needs bitsandbytes, which does not import ({type(err).__name__}: {err}); "
+                "`pip install 'cofitune-peft[quantized]'`, or pass `optimizer='adamw'`."
+            ) from err
+        return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas)
+    if callable(optimizer):
+        return optimizer(groups, lr=learning_rate, betas=betas)
+    raise CoFiTuneError(
+        f"`optimizer` must be one of {OPTIMIZERS} or a callable `(param_groups, lr=, betas=) -> Optimizer` (e.g. "
+        f"`functools.partial(CoFiTuneAdamW, rounding='stochastic')`), got {optimizer!r}."
+    )
+
+
 def _adamw_with_schedule(
     params: list[tuple[str, nn.Parameter]],
     learning_rate: float,
@@ -82,12 +107,13 @@ def _adamw_with_schedule(
     weight_decay: float,
     steps: int,
     warmup_ratio: float,
+    optimizer="adamw",
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on matrices only (not on biases or norms), and a cosine schedule with warm-up."""
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas)
+    optimizer = _make_optimizer(optimizer, [g for g in groups if g["params"]], learning_rate, betas)
     warmup = round(warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
     return optimizer, scheduler
@@ -216,6 +242,7 @@ def train_sft(
     gradient_accumulation_steps: int = 1,
     betas: tuple[float, float] = (0.9, 0.95),
     chat_template: bool | None = None,
+    optimizer: str | Callable[..., torch.optim.Optimizer] = "adamw",
 ) -> dict[str, Any]:
     """Fine-tune `model` in place for `steps` optimizer steps of supervised fine-tuning.
 
@@ -244,6 +271,11 @@ def train_sft(
             `batch_size`. The loss is normalised by the step's total number of loss tokens, so 1x8 equals 8x1.
         betas (`tuple[float, float]`, *optional*, defaults to `(0.9, 0.95)`): AdamW betas (the paper's).
         chat_template (`bool`, *optional*): `None` uses the tokenizer's chat template when it has one.
+        optimizer (`str | Callable`, *optional*, defaults to `"adamw"`): `"adamw"` (`torch.optim.AdamW`),
+            `"adamw8bit"` (bitsandbytes' `AdamW8bit`: 8-bit moments), or a callable called as
+            `optimizer(param_groups, lr=learning_rate, betas=betas)`, e.g. `functools.partial(CoFiTuneAdamW,
+            rounding="stochastic", fused_backward=True)`. A fused optimizer (`fused_backward=True`) steps during the
+            backward pass and needs `gradient_accumulation_steps=1`.
 
     Returns:
         `dict`: `final_loss` (last step), `mean_loss`, `losses` (per step), `seconds`, `tokens` (non-padding input
@@ -265,8 +297,18 @@ def train_sft(
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise CoFiTuneError("the model has no parameter with `requires_grad=True`: nothing would train.")
-    optimizer, scheduler = _adamw_with_schedule(params, learning_rate, betas, weight_decay, steps, warmup_ratio)
-    return _train(
+    optimizer, scheduler = _adamw_with_schedule(
+        params, learning_rate, betas, weight_decay, steps, warmup_ratio, optimizer
+    )
+    if getattr(optimizer, "fused_backward", False) and gradient_accumulation_steps > 1:
+        optimizer.remove_hooks()
+        raise CoFiTuneError(
+            f"`gradient_accumulation_steps={gradient_accumulation_steps}` with a fused optimizer "
+            "(`fused_backward=True`), which steps each parameter during the backward pass and so cannot accumulate "
+            "gradients over micro-batches; use `gradient_accumulation_steps=1` (the step's batch is `batch_size` "
+            "either way), or `fused_backward=False`."
+        )
+    stats = _train(
         model,
         encoded,
         params,
@@ -279,3 +321,21 @@ def train_sft(
         seed=seed,
         progress=progress,
     )
+    record_training_info(
+        model,
+        {
+            "trainer": "cofitune-peft train_sft",
+            "steps": steps,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "learning_rate": float(learning_rate),
+            "optimizer": f"{type(optimizer).__name__}, betas ({betas[0]:g}, {betas[1]:g})",
+            "lr_scheduler": "cosine",
+            "warmup": f"{warmup_ratio:g} of the steps ({round(warmup_ratio * steps)})",
+            "weight_decay": float(weight_decay),
+            "max_length": max_length,
+            "precision": str(params[0][1].dtype).replace("torch.", ""),
+            "seed": seed,
+        },
+    )
+    return stats
