@@ -332,7 +332,7 @@ def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch
         return TRAIN, {"validation": val, "test": test}, GENERAL
 
     monkeypatch.setattr(command, "task_splits", fake_splits)
-    monkeypatch.setattr(command, "model_loader", lambda name: ((lambda: tiny_model(num_layers=4)), tiny_tokenizer()))
+    monkeypatch.setattr(command, "model_loader", lambda name, **kw: (lambda: tiny_model(num_layers=4), tiny_tokenizer()))
     monkeypatch.setattr(command, "task_replay", lambda *a, **k: [{"prompt": "Say hi.", "completion": "Hi."}])
     parser = argparse.ArgumentParser()
     add_compare_arguments(parser)
@@ -349,6 +349,45 @@ def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch
     assert [r["learning_rate"] for r in replay] == [comparison["selected"]["full"]["learning_rate"]]
     assert comparison["differences"]
     assert "Differences at the selected points" in capsys.readouterr().out
+
+
+def test_a_preset_resumes_its_folder_with_any_subset_of_methods(tmp_path, monkeypatch):
+    """Two processes (or two calls) with different `--methods` share one folder: the replay pool belongs to the task,
+    so the settings match and the second call reuses the first one's runs instead of refusing the folder."""
+    from test_compare import GENERAL, TEST, TRAIN, VAL, NegLoss
+
+    from cofitune_peft.kit.compare import add_compare_arguments, command, compare_command
+
+    def fake_splits(task, tokenizer, **kwargs):
+        val = EvalSplit(NegLoss(VAL, "val"), VersatilityEval(GENERAL[:3], tokenizer=tokenizer, progress=False))
+        test = EvalSplit(NegLoss(TEST, "test"), VersatilityEval(GENERAL[3:], tokenizer=tokenizer, progress=False))
+        return TRAIN, {"validation": val, "test": test}, GENERAL
+
+    pools = []
+
+    def fake_replay(*args, **kwargs):
+        pools.append(args[3])
+        return [{"prompt": "Say hi.", "completion": "Hi."}]
+
+    monkeypatch.setattr(command, "task_splits", fake_splits)
+    monkeypatch.setattr(command, "model_loader", lambda name, **kw: (lambda: tiny_model(num_layers=4), tiny_tokenizer()))
+    monkeypatch.setattr(command, "task_replay", fake_replay)
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+
+    def run(methods, *grids):
+        argv = ["--preset", "full", "--task", "arithmetic", "--output-dir", str(tmp_path), "--steps", "1",
+                "--methods", methods, *grids, "--seeds", "", "--no-progress"]  # fmt: skip
+        return compare_command(parser.parse_args(argv))
+
+    assert run("base,full,full_replay10", "--lr", "full=1e-3,1e-2") == 0
+    runs = tmp_path / "arithmetic" / "runs"
+    first = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
+    assert run("base,full,lora", "--lr", "full=1e-3,1e-2", "--lr", "lora=1e-3") == 0  # no replay method this time
+    second = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
+    assert {k: second[k] for k in first} == first  # the first call's runs are reused, not retrained
+    assert set(second) - set(first) == {"lora_lr0.001_s0.json"}
+    assert len(pools) == 2  # the pool was asked for both times (its file is the cache)
 
 
 def test_the_registry_holds_the_fine_levels_and_replay_in_a_fresh_process():

@@ -300,9 +300,13 @@ def compare_command(args: argparse.Namespace) -> int:
             train, splits, general = _preset(task, args, tokenizer)
         else:
             train, splits, general = _from_files(args, tokenizer)
-        if any(METHODS[m].train_data is not None for m in _names(args.methods) if m in METHODS):
+        replay_file = os.path.join(output_dir, "replay.json")
+        wants_replay = any(METHODS[m].train_data is not None for m in _names(args.methods) if m in METHODS)
+        if task or wants_replay or os.path.isfile(replay_file):
+            # a preset's replay pool is part of its task data (built once, cached in replay.json), so that every
+            # subset of methods has the same settings and resumes the same folder
             os.makedirs(output_dir, exist_ok=True)
-            replay = task_replay(loader, tokenizer, splits, os.path.join(output_dir, "replay.json"),
+            replay = task_replay(loader, tokenizer, splits, replay_file,
                                  n=args.replay_examples, progress=not args.no_progress)  # fmt: skip
         else:
             replay = ()
