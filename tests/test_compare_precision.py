@@ -332,7 +332,9 @@ def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch
         return TRAIN, {"validation": val, "test": test}, GENERAL
 
     monkeypatch.setattr(command, "task_splits", fake_splits)
-    monkeypatch.setattr(command, "model_loader", lambda name, **kw: (lambda: tiny_model(num_layers=4), tiny_tokenizer()))
+    monkeypatch.setattr(
+        command, "model_loader", lambda name, **kw: (lambda: tiny_model(num_layers=4), tiny_tokenizer())
+    )
     monkeypatch.setattr(command, "task_replay", lambda *a, **k: [{"prompt": "Say hi.", "completion": "Hi."}])
     parser = argparse.ArgumentParser()
     add_compare_arguments(parser)
@@ -370,7 +372,9 @@ def test_a_preset_resumes_its_folder_with_any_subset_of_methods(tmp_path, monkey
         return [{"prompt": "Say hi.", "completion": "Hi."}]
 
     monkeypatch.setattr(command, "task_splits", fake_splits)
-    monkeypatch.setattr(command, "model_loader", lambda name, **kw: (lambda: tiny_model(num_layers=4), tiny_tokenizer()))
+    monkeypatch.setattr(
+        command, "model_loader", lambda name, **kw: (lambda: tiny_model(num_layers=4), tiny_tokenizer())
+    )
     monkeypatch.setattr(command, "task_replay", fake_replay)
     parser = argparse.ArgumentParser()
     add_compare_arguments(parser)
