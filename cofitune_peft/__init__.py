@@ -20,7 +20,7 @@ from .model import CoFiTuneModel, set_importance
 from .model_card import write_model_card
 from .optim import CoFiTuneAdamW
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _compat.register(CoFiTuneConfig, CoFiTuneModel, write_model_card, hub.prepare_for_save, hub.push_to_hub)
 _moved.install()
