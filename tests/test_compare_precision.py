@@ -321,7 +321,9 @@ def test_auto_seed_methods_take_the_headline_and_those_near_the_best_on_validati
     assert "vsoftmask" not in auto_seed_methods(result, margin=0.05, limit=10)
 
 
-def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch, capsys):
+def _fake_preset(monkeypatch, replay_calls=None):
+    """`compare --preset full` on the tiny model with the test splits of test_compare; the replay pool is one example
+    (each call's path appended to `replay_calls`). Returns `(parser, compare_command)`."""
     from test_compare import GENERAL, TEST, TRAIN, VAL, NegLoss
 
     from cofitune_peft.kit.compare import add_compare_arguments, command, compare_command
@@ -331,13 +333,25 @@ def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch
         test = EvalSplit(NegLoss(TEST, "test"), VersatilityEval(GENERAL[3:], tokenizer=tokenizer, progress=False))
         return TRAIN, {"validation": val, "test": test}, GENERAL
 
+    def fake_replay(*args, **kwargs):
+        if replay_calls is not None:
+            replay_calls.append(args[3])
+        return [{"prompt": "Say hi.", "completion": "Hi."}]
+
     monkeypatch.setattr(command, "task_splits", fake_splits)
     monkeypatch.setattr(
         command, "model_loader", lambda name, **kw: (lambda: tiny_model(num_layers=4), tiny_tokenizer())
     )
-    monkeypatch.setattr(command, "task_replay", lambda *a, **k: [{"prompt": "Say hi.", "completion": "Hi."}])
+    monkeypatch.setattr(command, "task_replay", fake_replay)
     parser = argparse.ArgumentParser()
     add_compare_arguments(parser)
+    return parser, compare_command
+
+
+def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch, capsys):
+    from cofitune_peft.kit.compare import command
+
+    parser, compare_command = _fake_preset(monkeypatch)
     args = parser.parse_args(["--preset", "full", "--task", "arithmetic", "--output-dir", str(tmp_path), "--steps", "1",
                               "--methods", "base,full,lora,cofitune,full_replay10",
                               "--lr", "lora=1e-3", "--lr", "cofitune=1e-3", "--lr", "full=1e-3,1e-2",
@@ -356,28 +370,8 @@ def test_compare_command_full_preset_auto_seeds_and_replay(tmp_path, monkeypatch
 def test_a_preset_resumes_its_folder_with_any_subset_of_methods(tmp_path, monkeypatch):
     """Two processes (or two calls) with different `--methods` share one folder: the replay pool belongs to the task,
     so the settings match and the second call reuses the first one's runs instead of refusing the folder."""
-    from test_compare import GENERAL, TEST, TRAIN, VAL, NegLoss
-
-    from cofitune_peft.kit.compare import add_compare_arguments, command, compare_command
-
-    def fake_splits(task, tokenizer, **kwargs):
-        val = EvalSplit(NegLoss(VAL, "val"), VersatilityEval(GENERAL[:3], tokenizer=tokenizer, progress=False))
-        test = EvalSplit(NegLoss(TEST, "test"), VersatilityEval(GENERAL[3:], tokenizer=tokenizer, progress=False))
-        return TRAIN, {"validation": val, "test": test}, GENERAL
-
     pools = []
-
-    def fake_replay(*args, **kwargs):
-        pools.append(args[3])
-        return [{"prompt": "Say hi.", "completion": "Hi."}]
-
-    monkeypatch.setattr(command, "task_splits", fake_splits)
-    monkeypatch.setattr(
-        command, "model_loader", lambda name, **kw: (lambda: tiny_model(num_layers=4), tiny_tokenizer())
-    )
-    monkeypatch.setattr(command, "task_replay", fake_replay)
-    parser = argparse.ArgumentParser()
-    add_compare_arguments(parser)
+    parser, compare_command = _fake_preset(monkeypatch, pools)
 
     def run(methods, *grids):
         argv = ["--preset", "full", "--task", "arithmetic", "--output-dir", str(tmp_path), "--steps", "1",
