@@ -285,7 +285,7 @@ def plot(rows: list[dict], path: str) -> None:
     from matplotlib.figure import Figure
 
     lrs = sorted({r["learning_rate"] for r in rows})
-    fig = Figure(figsize=(5.5 * len(lrs), 4.5))
+    fig = Figure(figsize=(max(7.5, 5.5 * len(lrs)), 4.8))
     axes = fig.subplots(1, len(lrs), squeeze=False)[0]
     for ax, lr in zip(axes, lrs):
         for r in (r for r in rows if r["learning_rate"] == lr):
@@ -295,7 +295,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xlabel("Vers. on test (retention vs the bf16 base, capped)")
         ax.set_ylabel("Spec. on test (vs fp32 full fine-tuning)")
     axes[-1].legend(fontsize=7, loc="best")
-    fig.suptitle("SmolLM2-135M in bf16, arithmetic, CoFiTune coarse: deltas' precision and the freeze peer")
+    fig.suptitle("SmolLM2-135M in bf16, arithmetic, CoFiTune coarse:\ndeltas' precision and the freeze peer")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -324,7 +324,11 @@ def main(argv=None) -> int:
     if args.report_only:
         study = None
         records = [r for r in (_load(args.out_dir, run_key(*job)) for job in jobs) if r is not None]
+        probe_path = os.path.join(args.out_dir, "rounding_probe.json")  # the training run's probe, when it wrote one
         probe = None
+        if os.path.isfile(probe_path):
+            with open(probe_path) as f:
+                probe = json.load(f)
         base = _load(args.out_dir, "base")
         if base is None:
             raise SystemExit(f"no finished base run in {args.out_dir}; run without --report-only first.")
