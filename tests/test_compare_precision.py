@@ -388,6 +388,26 @@ def test_a_preset_resumes_its_folder_with_any_subset_of_methods(tmp_path, monkey
     assert len(pools) == 2  # the pool was asked for both times (its file is the cache)
 
 
+def test_a_replay_method_alone_sweeps_its_parent_on_the_preset_grid_and_reports_it(tmp_path, monkeypatch):
+    """`--methods base,lora_replay10`: LoRA is swept on the preset's grid (not the registry's default one), the replay
+    trains at LoRA's selected rate, and `--report-only` reports it (the parent's selection is read from the cache)."""
+    from cofitune_peft.kit.compare import command, runner
+
+    monkeypatch.setattr(command, "FULL_GRIDS", {"full": (1e-3,), "lora": (1e-3, 1e-2)})
+    parser, compare_command = _fake_preset(monkeypatch)
+    argv = ["--preset", "full", "--task", "arithmetic", "--output-dir", str(tmp_path), "--steps", "1",
+            "--methods", "base,lora_replay10", "--seeds", "", "--no-progress"]  # fmt: skip
+    assert compare_command(parser.parse_args(argv)) == 0
+    runs = sorted(p.name for p in (tmp_path / "arithmetic" / "runs").iterdir())
+    assert [n for n in runs if n.startswith("lora_lr")] == ["lora_lr0.001_s0.json", "lora_lr0.01_s0.json"]
+    assert [n for n in runs if n.startswith("full_lr")] == ["full_lr0.001_s0.json"]
+    assert len([n for n in runs if n.startswith("lora_replay10")]) == 1
+    monkeypatch.setattr(runner, "train_sft", lambda *a, **k: pytest.fail("--report-only trained"))
+    assert compare_command(parser.parse_args([*argv, "--report-only"])) == 0
+    comparison = json.loads((tmp_path / "arithmetic" / "comparison.json").read_text())
+    assert "lora_replay10" in comparison["selected"] and "lora" not in comparison["selected"]
+
+
 def test_the_registry_holds_the_fine_levels_and_replay_in_a_fresh_process():
     import subprocess
     import sys

@@ -224,13 +224,24 @@ def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise CoFiTuneError("`--steps` is required (optimizer steps of every run), but with `--preset full`.")
     if args.methods is None:
         args.methods = ",".join(FULL_METHODS if full else DEFAULT_METHODS)
-    compared = resolve_methods(_names(args.methods))  # with base, full and the parents of derived methods
+    names = _names(args.methods)
+    if full:  # a replay method trains at its parent's selected rate: the parent is swept too, on the preset's grid
+        names = [*names, *(FULL_RATE_FROM[m] for m in names if m in FULL_RATE_FROM)]
+    compared = resolve_methods(names)  # with base, full and the parents of derived methods
     grids = {k: v for k, v in FULL_GRIDS.items() if k in compared} if full else {}
     grids.update(parse_grids(args.lr))
     args.grids = grids
     if preset_seed_methods and not args.seed_methods.startswith("auto"):  # the preset's methods this run compares
         args.seed_methods = ",".join(m for m in _names(args.seed_methods) if m in compared)
     return args
+
+
+def _grids_of(methods: list[str], grids: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The grids in `grids` of the methods a `compare_methods(methods=...)` call compares (with base, full and the
+    parents of derived methods): a grid set for a method swept only as a replay method's parent stays out of a call
+    that does not compare it."""
+    compared = resolve_methods(methods)
+    return {k: v for k, v in grids.items() if k in compared}
 
 
 def _task_defaults(task: str, args: argparse.Namespace) -> argparse.Namespace:
@@ -328,23 +339,29 @@ def compare_command(args: argparse.Namespace) -> int:
         methods, grids = _names(args.methods), dict(args.grids)
         rate_from = FULL_RATE_FROM if args.preset == "full" else {}
         pending = [m for m in methods if m in rate_from and m not in grids]
-        if pending and not args.report_only:
-            # the sweep of the others first (it resumes from the cache); then each of these at its parent's rate
+        if pending:
+            # the sweep of the others first (it resumes from the cache; with --report-only it trains nothing); then
+            # each of these at its parent's rate (where the parent has no finished run, over the parent's grid, so
+            # that a report shows what is cached)
             first = list(dict.fromkeys([*(m for m in methods if m not in pending), *(rate_from[m] for m in pending)]))
-            swept = run(methods=first, learning_rates={k: v for k, v in grids.items() if k in first})
-            grids.update({m: [swept.selected[rate_from[m]]["learning_rate"]] for m in pending})
+            first_grids = _grids_of(first, grids)
+            swept = run(methods=first, learning_rates=first_grids, report_only=args.report_only)
+            parents = resolve_methods(first, first_grids)
+            for m in pending:
+                parent = swept.selected.get(rate_from[m])
+                grids[m] = [parent["learning_rate"]] if parent else list(parents[rate_from[m]].learning_rates)
         auto = args.seed_methods.startswith("auto")
         seeds = _ints(args.seeds, "--seeds")
         seed_methods = _names(args.seed_methods) or None
         if auto and seeds and not args.report_only:
             # the sweep first (resumes from the cache), then the seeds of the methods it puts near the best
-            seed_methods = auto_seed_methods(run(methods=methods, learning_rates=grids))
+            seed_methods = auto_seed_methods(run(methods=methods, learning_rates=_grids_of(methods, grids)))
             logging.getLogger(__name__).info("--seed-methods auto: %s", seed_methods)
         elif auto:
             seed_methods = None
         result = run(
             methods=methods,
-            learning_rates=grids,
+            learning_rates=_grids_of(methods, grids),
             seeds=seeds if seed_methods or not auto else [],
             seed_methods=seed_methods,
             report_only=args.report_only,
