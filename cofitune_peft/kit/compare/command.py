@@ -346,10 +346,10 @@ def compare_command(args: argparse.Namespace) -> int:
             first = list(dict.fromkeys([*(m for m in methods if m not in pending), *(rate_from[m] for m in pending)]))
             first_grids = _grids_of(first, grids)
             swept = run(methods=first, learning_rates=first_grids, report_only=args.report_only)
-            parents = resolve_methods(first, first_grids)
             for m in pending:
                 parent = swept.selected.get(rate_from[m])
-                grids[m] = [parent["learning_rate"]] if parent else list(parents[rate_from[m]].learning_rates)
+                fallback = first_grids.get(rate_from[m]) or METHODS[rate_from[m]].learning_rates
+                grids[m] = [parent["learning_rate"]] if parent else list(fallback)
         auto = args.seed_methods.startswith("auto")
         seeds = _ints(args.seeds, "--seeds")
         seed_methods = _names(args.seed_methods) or None
