@@ -61,11 +61,12 @@ FULL_GRIDS = {
 
 #: `--preset full`: the methods of the committed run, in the order they run (the headline first, so an interrupted run
 #: has them): full fine-tuning, LoRA, CoFiTune coarse and its default mask, the fine levels that are not a learning
-#: rate, and replay. The rest of the registry is cut for the budget (docs/results.md lists it, with the command that
-#: adds it: `--methods` with their names resumes the same folders).
+#: rate (with `l2`, the control of `cofitune_l2out`: the same pull toward the base with no window left free), and
+#: replay. The rest of the registry is cut for the budget (docs/results.md lists it, with the command that adds it:
+#: `--methods` with their names resumes the same folders).
 FULL_METHODS = (
-    "base", "full", "lora", "cofitune", "cofitune_mask", "cofitune_pull", "cofitune_restrained",
-    "full_replay10", "full_replay25", "lora_replay10", "lora_replay25", "cofitune_replay10", "cofitune_replay25",
+    "base", "full", "lora", "cofitune", "cofitune_mask", "cofitune_pull", "cofitune_restrained", "cofitune_l2out",
+    "l2", "full_replay10", "full_replay25", "lora_replay10", "lora_replay25", "cofitune_replay10", "cofitune_replay25",
 )  # fmt: skip
 
 #: `--seed-methods auto`: these methods always get the extra seeds; then every method whose selected validation Uni. is
