@@ -238,8 +238,8 @@ def _equal_speciality_markdown(summary: dict) -> list[str]:
 
 def plot(comparisons: dict[str, dict], summary: dict, path: str) -> str:
     """One panel per task: test Spec. against test Vers. over each headline method's grid (the post-hoc methods as
-    points only), the default mask, the best mask variant, the best fine level and the best full-FT/LoRA replay on
-    validation; selected points starred."""
+    points only), the default mask, the best mask variant, every fine level that is not a learning rate with `l2` (the
+    control of `cofitune_l2out`), and the best full-FT/LoRA replay on validation; selected points starred."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from cofitune_peft.kit.plotting import family_styles, new_figure, save_figure
 
@@ -251,11 +251,11 @@ def plot(comparisons: dict[str, dict], summary: dict, path: str) -> str:
                     scores.setdefault(name, []).append(comparison["selected"][name]["validation"]["uni"])
         return max(scores, key=lambda m: sum(scores[m]) / len(scores[m]), default=None)
 
-    fine, replay = best(FINE), best([m for m in REPLAY if not m.startswith("cofitune")])
+    replay = best([m for m in REPLAY if not m.startswith("cofitune")])
     shown = list(
-        dict.fromkeys(m for m in ("cofitune", "cofitune_mask", summary["best_mask"], fine, "cofitune_alpha") if m)
+        dict.fromkeys(m for m in ("cofitune", "cofitune_mask", summary["best_mask"], *FINE, "cofitune_alpha") if m)
     )
-    others = ["full", "wiseft", "lora", *([replay] if replay else [])]
+    others = ["full", "wiseft", "lora", "l2", *([replay] if replay else [])]
     styles = family_styles(shown, others)
     fig = new_figure(figsize=(6 * len(comparisons), 5))
     axes = [fig.add_subplot(1, len(comparisons), i + 1) for i in range(len(comparisons))]
