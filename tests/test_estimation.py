@@ -234,6 +234,9 @@ def test_bad_inputs(tok):
         raw(model, TEXTS, tok, parts=["heads", "neurons"])
     with pytest.raises(CoFiTuneError, match="`batch_size` must be a positive int"):
         raw(model, TEXTS, tok, batch_size=0)
+    for micro in (0, 1.5, True):
+        with pytest.raises(CoFiTuneError, match=rf"`micro_batch_size` must be a positive int or None.*{micro!r}"):
+            raw(model, TEXTS, tok, micro_batch_size=micro)
     with pytest.raises(CoFiTuneError, match="does not have"):
         raw(tiny_model("llama", num_layers=2), TEXTS, tok, parts=["expert_output"])
     # a failure midway leaves no hooks and restores the flags
@@ -273,6 +276,11 @@ def test_cli_writes_importance(saved_model, tmp_path, capsys):
     argv = ["importance", "--model", str(saved_model), "--data", str(lines), "--out", str(out), "--text-field", "body"]
     assert main([*argv, "--num-samples", "2", "--no-progress", "--device", "cpu"]) == 0
     assert Importance.load(out).metadata["num_samples"] == "2"
+    # --micro-batch-size reaches the estimator (a bad value is refused by name)
+    assert main([*argv, "--num-samples", "2", "--no-progress", "--device", "cpu", "--micro-batch-size", "1"]) == 0
+    with pytest.raises(CoFiTuneError, match="`micro_batch_size` must be a positive int"):
+        run_cli(["--model", str(saved_model), "--data", str(lines), "--out", str(out), "--text-field", "body",
+                 "--no-progress", "--device", "cpu", "--micro-batch-size", "0"])  # fmt: skip
 
 
 def run_cli(argv):
@@ -382,6 +390,25 @@ def test_fisher_signal_is_the_summed_squared_lm_loss_gradient_per_gate(tok):
     finally:
         handle.remove()
     torch.testing.assert_close(got[5], grad.square() / enc["attention_mask"].sum(), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_micro_batches_sum_to_the_batch_gradient(tok, micro):
+    """`micro_batch_size` is a memory knob: the slices' gradients add up to the batch's before it is squared (Fisher,
+    no dropout: exact) or accumulated; per-slice squares would differ."""
+    model = tiny_model("llama", num_layers=2, seed=1)
+    whole = raw(model, TEXTS, tok, signal="fisher", batch_size=3)
+    sliced = raw(model, TEXTS, tok, signal="fisher", batch_size=3, micro_batch_size=micro)
+    assert_raw_equal(whole, sliced, rtol=1e-4, atol=1e-9)
+    per_example = raw(model, TEXTS, tok, signal="fisher", batch_size=1)
+    assert not torch.allclose(per_example["intermediate"], whole["intermediate"], rtol=1e-3)
+    # The KL proxy in slices: the same shapes and scale (its dropout draws differ, as with another seed).
+    kl_whole = raw(model, TEXTS, tok, batch_size=3)
+    kl_sliced = raw(model, TEXTS, tok, batch_size=3, micro_batch_size=micro)
+    for part, value in kl_whole.items():
+        assert kl_sliced[part].shape == value.shape and torch.isfinite(kl_sliced[part]).all()
+        ratio = float(kl_sliced[part].abs().sum() / value.abs().sum())
+        assert 0.2 < ratio < 5
 
 
 def test_fisher_and_kl_rank_units_differently_but_both_normalise(tok):

@@ -97,6 +97,19 @@ def test_never_zeroed_gate_gradients_count_batch_b_T_minus_b_plus_1_times(tok):
         torch.testing.assert_close(got[part].double(), expected, rtol=1e-5, atol=1e-9)
 
 
+def test_authors_recipe_in_micro_batches_checks_every_slice(tok):
+    """The authors' recipe (eager attention, dropout on the probabilities, never-zeroed gradients) runs in slices of
+    one example: every slice's forward computes its one softmax per layer, and the scores keep their shapes."""
+    model = tiny_model(num_layers=2)
+    kernel = model.config._attn_implementation
+    whole = raw(model, UNEVEN, tok, recipe="authors", max_length=64)
+    sliced = raw(model, UNEVEN, tok, recipe="authors", max_length=64, micro_batch_size=1)
+    for part, value in whole.items():
+        assert sliced[part].shape == value.shape and torch.isfinite(sliced[part]).all()
+        assert not torch.equal(sliced[part], value)  # fresh dropout draws per slice
+    assert model.config._attn_implementation == kernel  # switched back after each estimate
+
+
 def _captured_probabilities(model, run):
     """The attention weights each attention module returns (eager: after its dropout) during `run()`."""
     seen = []

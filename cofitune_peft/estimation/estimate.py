@@ -42,7 +42,9 @@ class _Raw:
     units: dict[str, list[int]] | None = None  # real units per layer of parts whose width differs between layers
 
 
-def _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, signal) -> tuple[str, ...]:
+def _validate(
+    num_samples, batch_size, max_length, dropout, accumulate, parts, signal, micro_batch_size=None
+) -> tuple[str, ...]:
     problems = []
     if signal not in SIGNALS:
         problems.append(f"`signal` must be one of {SIGNALS}, got {signal!r}.")
@@ -51,6 +53,13 @@ def _validate(num_samples, batch_size, max_length, dropout, accumulate, parts, s
     for name, value in (("batch_size", batch_size), ("max_length", max_length)):
         if not isinstance(value, int) or value < 1:
             problems.append(f"`{name}` must be a positive int, got {value!r}.")
+    if micro_batch_size is not None and (
+        not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1
+    ):
+        problems.append(
+            f"`micro_batch_size` must be a positive int or None (the whole batch in one pass), got "
+            f"{micro_batch_size!r}."
+        )
     if not isinstance(dropout, (int, float)) or not 0 < dropout < 1:
         problems.append(f"`dropout` must lie in (0, 1) (the paper uses 0.003), got {dropout!r}.")
     if accumulate not in ACCUMULATE:
@@ -88,6 +97,7 @@ class _Settings:
     tokenizer: Any = None
     num_samples: int | None = 512
     batch_size: int = 8
+    micro_batch_size: int | None = None
     max_length: int | None = None
     dropout: float = 0.003
     accumulate: str | None = None
@@ -115,7 +125,14 @@ def _estimate_raw(model: nn.Module, data, **settings) -> _Raw:
     given = {name: getattr(opts, name) for name in OPTIONS}
     opts = replace(opts, **resolve_recipe(opts.recipe, given, opts.signal, isinstance(data, DataLoader)))
     parts = _validate(
-        opts.num_samples, opts.batch_size, opts.max_length, opts.dropout, opts.accumulate, opts.parts, opts.signal
+        opts.num_samples,
+        opts.batch_size,
+        opts.max_length,
+        opts.dropout,
+        opts.accumulate,
+        opts.parts,
+        opts.signal,
+        opts.micro_batch_size,
     )
     is_loader = _check_data(data, opts.tokenizer)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -265,14 +282,24 @@ def _estimation_layout(model: nn.Module, base: nn.Module, opts: _Settings) -> Mo
 
 def _batch_gradients(model, base, input_ids, attention_mask, gates: _Gates, opts: _Settings) -> list[torch.Tensor]:
     """This batch's gradient of the proxy with respect to each gate (`torch.autograd.grad`: nothing to zero); zeros
-    for a gate no selected unit uses."""
+    for a gate no selected unit uses. With `opts.micro_batch_size`, the batch runs in slices of that many examples
+    and their gradients are summed (the proxy is a sum over examples: the same batch gradient, with fresh dropout
+    draws per slice), so only a slice's activations are held at once."""
     flat = gates.flat()
-    with parametrize.cached():
-        if opts.signal == "kl":
-            loss = _kl_proxy(model, input_ids, attention_mask, all_positions=opts.kl_positions == "all")
+    step = opts.micro_batch_size or input_ids.shape[0]
+    grads = None
+    for start in range(0, input_ids.shape[0], step):
+        ids, mask = input_ids[start : start + step], attention_mask[start : start + step]
+        with parametrize.cached():
+            if opts.signal == "kl":
+                loss = _kl_proxy(model, ids, mask, all_positions=opts.kl_positions == "all")
+            else:
+                loss = _lm_loss(model, ids, mask)
+        part = torch.autograd.grad(loss, flat, allow_unused=True)
+        if grads is None:
+            grads = list(part)
         else:
-            loss = _lm_loss(model, input_ids, attention_mask)
-    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            grads = [g if p is None else (p if g is None else g + p) for g, p in zip(grads, part)]
     unreached = [i for i, (g, gate) in enumerate(zip(grads, flat)) if g is None and id(gate) in gates.used]
     if unreached:
         raise CoFiTuneError(
@@ -296,6 +323,7 @@ def estimate_importance(
     tokenizer=None,
     num_samples: int | None = 512,
     batch_size: int = 8,
+    micro_batch_size: int | None = None,
     max_length: int | None = None,
     dropout: float = 0.003,
     accumulate: str | None = None,
@@ -340,6 +368,10 @@ def estimate_importance(
         tokenizer (*optional*): the model's tokenizer; required unless `data` is a DataLoader.
         num_samples (`int`, *optional*, defaults to 512): how many (non-empty) examples to use; `None` for all.
         batch_size (`int`, *optional*, defaults to 8): examples per batch (the forward pass holds twice as many).
+        micro_batch_size (`int`, *optional*): run each batch in slices of this many examples and sum their gradients
+            before the batch's accumulation: a memory knob that leaves `accumulate` and `gate_grads` seeing one
+            gradient per batch (the dropout draws differ, as with another seed). Peak activation memory falls about
+            `batch_size / micro_batch_size`-fold; `None` runs the whole batch at once.
         max_length (`int`, *optional*): texts are truncated to this many tokens (and padded to it with
             `padding="max_length"`); the recipe's: 256, or 512 for `"authors"`.
         dropout (`float`, *optional*, defaults to 0.003): probability of the injected dropout on the attention (see
@@ -410,6 +442,7 @@ def estimate_importance(
         tokenizer=tokenizer,
         num_samples=num_samples,
         batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
         max_length=max_length,
         dropout=dropout,
         accumulate=accumulate,

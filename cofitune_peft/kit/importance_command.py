@@ -35,6 +35,13 @@ def add_importance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=512, help="examples to use (default 512)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="run each batch in slices of this many examples, gradients summed (less memory, same per-batch "
+        "accumulation; e.g. 1 or 2 with --recipe authors)",
+    )
+    parser.add_argument(
         "--max-length", type=int, default=None, help="tokens per example (default 256; 512 with --recipe authors)"
     )
     parser.add_argument("--text-field", default=None, help="field with the text or messages (default text/messages)")
@@ -127,6 +134,7 @@ def importance_command(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
         max_length=args.max_length,
         dropout=args.dropout,
         accumulate=args.accumulate,
