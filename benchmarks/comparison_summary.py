@@ -239,7 +239,7 @@ def _equal_speciality_markdown(summary: dict) -> list[str]:
 def plot(comparisons: dict[str, dict], summary: dict, path: str) -> str:
     """One panel per task: test Spec. against test Vers. over each headline method's grid (the post-hoc methods as
     points only), the default mask, the best mask variant, every fine level that is not a learning rate with `l2` (the
-    control of `cofitune_l2out`), and the best full-FT/LoRA replay on validation; selected points starred."""
+    control of `cofitune_l2out`), the soft mask over the whole model (`vsoftmask`, the mask with no window), and the best full-FT/LoRA replay on validation; selected points starred."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from cofitune_peft.kit.plotting import family_styles, new_figure, save_figure
 
@@ -253,7 +253,9 @@ def plot(comparisons: dict[str, dict], summary: dict, path: str) -> str:
 
     replay = best([m for m in REPLAY if not m.startswith("cofitune")])
     shown = list(
-        dict.fromkeys(m for m in ("cofitune", "cofitune_mask", summary["best_mask"], *FINE, "cofitune_alpha") if m)
+        dict.fromkeys(
+            m for m in ("cofitune", "cofitune_mask", summary["best_mask"], *FINE, "vsoftmask", "cofitune_alpha") if m
+        )
     )
     others = ["full", "wiseft", "lora", "l2", *([replay] if replay else [])]
     styles = family_styles(shown, others)
